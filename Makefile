@@ -1,0 +1,31 @@
+PYTHON ?= python3
+PIP ?= $(PYTHON) -m pip
+# Threads per process: the default (all cores) oversubscribes small CPU runs.
+export OMP_NUM_THREADS ?= 2
+
+.PHONY: install demo train test test-all lint clean
+
+install:
+	$(PIP) install -q -e '.[dev]'
+
+# The main job: the four architectures side by side on the embedded digits, then the report.
+demo: install
+	$(PYTHON) -m contrastive.train -m experiment=compare_digits hydra.sweep.dir=runs/demo
+	$(PYTHON) -m contrastive.report runs/demo
+
+# One run; pass Hydra overrides with ARGS="method=moco trainer.max_epochs=10".
+train: install
+	$(PYTHON) -m contrastive.train $(ARGS)
+
+test: install
+	$(PYTHON) -m pytest -q
+
+# Also the slow tests (2-process equivalence of every method, exact resume of every method, notebook).
+test-all: install
+	$(PYTHON) -m pytest -q -m "slow or not slow"
+
+lint:
+	$(PYTHON) -m ruff check contrastive tests
+
+clean:
+	rm -rf outputs multirun runs lightning_logs .pytest_cache .ruff_cache *.egg-info

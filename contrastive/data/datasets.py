@@ -1,0 +1,387 @@
+"""Data sets as uint8 images: ``item -> (image [C, H, W] uint8, label, index)``.
+
+Augmentation happens later, batch-wise on the device, so the data sets only decode and store pixels. ``load_splits``
+turns a ``data`` config into a (train, val) pair; every failure to find or read the data is a ``DataError`` whose
+message names the path and the override that fixes it.
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import Dataset, default_collate, get_worker_info
+
+
+class DataError(ValueError):
+    """Data that cannot be found or read; the message names the path and the override that fixes it."""
+
+
+class ImageBatch(Sequence):
+    """What ``ImageTensorDataset.__getitems__`` returns: a gathered batch that still reads as a sequence of
+    ``(image, label, index)`` items, so torch's default collate accepts it; ``collate`` takes its tensors as they
+    are instead of stacking the items back together."""
+
+    def __init__(self, images: Tensor, labels: Tensor, index: Tensor) -> None:
+        self.images, self.labels, self.index = images, labels, index
+
+    def __len__(self) -> int:
+        return self.index.shape[0]
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int, int]:
+        return self.images[i], int(self.labels[i]), int(self.index[i])
+
+    def __iter__(self) -> Iterator[tuple[Tensor, int, int]]:
+        # default_collate iterates: one unbind and two tolist calls instead of 3N scalar reads
+        return zip(self.images.unbind(0), self.labels.tolist(), self.index.tolist())
+
+
+def collate(batch: Any) -> Any:
+    """The DataLoader's collate: an ``ImageBatch`` as ``[images, labels, index]``; anything else as torch's
+    default collate would (the same result, without re-stacking)."""
+    if isinstance(batch, ImageBatch):
+        return [batch.images, batch.labels, batch.index]
+    return default_collate(batch)
+
+
+class ImageTensorDataset(Dataset):
+    """In-memory uint8 images ``[N, C, H, W]`` + int64 labels ``[N]``; item -> ``(image, label, index)``."""
+
+    def __init__(self, images: Tensor, labels: Tensor) -> None:
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise ValueError(f"images must be uint8 [N, C, H, W], got {images.dtype} {tuple(images.shape)}")
+        if labels.shape != (images.shape[0],):
+            raise ValueError(f"labels must have shape [{images.shape[0]}], got {tuple(labels.shape)}")
+        self.images = images.contiguous()
+        self.labels = labels.to(torch.int64)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int, int]:
+        return self.images[index], int(self.labels[index]), int(index)
+
+    def __getitems__(self, indices: Sequence[int]) -> ImageBatch:
+        """A whole batch by one gather per tensor (the DataLoader calls this instead of one item at a time)."""
+        index = torch.as_tensor(indices, dtype=torch.int64)
+        images = torch.empty((len(index), *self.images.shape[1:]), dtype=torch.uint8)
+        if get_worker_info() is not None:
+            # a worker's batch travels to the main process through shared memory: gather straight into it
+            images.share_memory_()
+        # index_select, not images[index]: several times faster for uint8 on the CPU
+        torch.index_select(self.images, 0, index, out=images)
+        return ImageBatch(images, self.labels.index_select(0, index), index)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.labels.max()) + 1 if len(self) else 0
+
+
+class ImageFolderDataset(Dataset):
+    """``torchvision.datasets.ImageFolder`` decoded lazily per item: shorter side resized to ``load_size``, then
+    centre-cropped to ``load_size`` x ``load_size``; item -> ``(image uint8 [C, S, S], label, index)``."""
+
+    def __init__(self, folder: Path, load_size: int, channels: int) -> None:
+        from torchvision.datasets import ImageFolder
+
+        try:
+            self.folder = ImageFolder(str(folder))
+        except FileNotFoundError as err:
+            raise DataError(f"{folder}: {err}: put one sub-folder of images per class there, or set data.root") from err
+        self.load_size = load_size
+        self.mode = {1: "L", 3: "RGB"}[channels]
+        self.classes: list[str] = self.folder.classes
+        self.labels = torch.tensor(self.folder.targets, dtype=torch.int64)
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int, int]:
+        from PIL import Image
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms import functional as TF
+
+        path, label = self.folder.samples[index]
+        with Image.open(path) as img:
+            img = img.convert(self.mode)
+            img = TF.resize(img, self.load_size, interpolation=InterpolationMode.BILINEAR, antialias=True)
+            img = TF.center_crop(img, [self.load_size, self.load_size])
+            return TF.pil_to_tensor(img), label, int(index)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+# -- helpers -------------------------------------------------------------------------------------------------
+def split_indices(n: int, val_fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+    """Seeded random split of ``range(n)`` into (train, val) index tensors, each in ascending order."""
+    if not 0 < val_fraction < 1:
+        raise DataError(f"data.val_fraction={val_fraction} must be in (0, 1)")
+    n_val = round(n * val_fraction)
+    if not 0 < n_val < n:
+        raise DataError(f"data.val_fraction={val_fraction} leaves an empty split of {n} images")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return perm[n_val:].sort().values, perm[:n_val].sort().values
+
+
+def _split(images: Tensor, labels: Tensor, cfg: Any) -> tuple[ImageTensorDataset, ImageTensorDataset]:
+    train, val = split_indices(len(labels), cfg.val_fraction, cfg.split_seed)
+    return ImageTensorDataset(images[train], labels[train]), ImageTensorDataset(images[val], labels[val])
+
+
+def _where(cfg: Any) -> str:
+    """``data.root='...'``, with the absolute path when the configured one is relative."""
+    given = str(cfg.root)
+    full = str(Path(given).expanduser().resolve())
+    return f"data.root={given!r}" + ("" if full == given else f" ({full})")
+
+
+def _root(cfg: Any, holds: str, downloadable: bool = True) -> Path:
+    """The configured root, which must exist unless a download will create it."""
+    fix = f"set data.root=<folder holding {holds}>"
+    if downloadable and not cfg.download:
+        fix += " or data.download=true"
+    if cfg.root is None:
+        raise DataError(f"data.root is not set: {fix}")
+    root = Path(str(cfg.root)).expanduser()
+    if not root.is_dir() and not cfg.download:
+        raise DataError(f"{_where(cfg)} does not exist: {fix}")
+    return root
+
+
+def _require_files(cfg: Any, folder: Path, names: Sequence[str], holds: str) -> None:
+    missing = [name for name in names if not (folder / name).is_file()]
+    if missing:
+        raise DataError(f"{_where(cfg)}: {', '.join(missing)} not found in {folder}: "
+                        f"set data.root=<folder holding {holds}> or data.download=true")
+
+
+def _download(cfg: Any, make: Callable[[], Any]) -> None:
+    """Run a torchvision download, turning its failure into one clear error."""
+    try:
+        make()
+    except (OSError, RuntimeError) as err:
+        raise DataError(f"data.download=true: downloading {cfg.name} into {cfg.root} failed ({err}); "
+                        f"place the files there yourself and set data.download=false") from err
+
+
+# -- IDX (MNIST) ---------------------------------------------------------------------------------------------
+IDX_MAGIC = {"images": 2051, "labels": 2049}
+
+
+def read_idx(path: str | Path, kind: str) -> Tensor:
+    """Read an IDX file of unsigned bytes (gzip-compressed or not): ``images`` -> uint8 ``[N, H, W]``,
+    ``labels`` -> uint8 ``[N]``."""
+    path = Path(path)
+    raw = path.read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (EOFError, OSError) as err:
+            raise DataError(f"file {path} is a truncated or damaged gzip file ({err}): replace it, or delete it "
+                            "and set data.download=true") from err
+    expected_magic = IDX_MAGIC[kind]
+    if len(raw) < 4:
+        raise DataError(f"file {path} is truncated: expected an IDX header, got {len(raw)} bytes")
+    magic = int.from_bytes(raw[:4], "big")
+    if magic != expected_magic:
+        raise DataError(f"file {path} is not an IDX {kind[:-1]} file (magic {magic}, expected {expected_magic})")
+    ndim = magic & 0xFF
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"file {path} is truncated: expected a {header}-byte header, got {len(raw)} bytes")
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    expected = header + math.prod(dims)
+    if len(raw) != expected:
+        state = "truncated" if len(raw) < expected else "too long"
+        raise DataError(f"file {path} is {state}: expected {expected} bytes for shape {dims}, got {len(raw)}")
+    return torch.frombuffer(bytearray(raw[header:]), dtype=torch.uint8).reshape(dims)
+
+
+def _find_idx(cfg: Any, raw_dir: Path, stem: str) -> Path:
+    for name in (stem, stem + ".gz"):
+        if (raw_dir / name).is_file():
+            return raw_dir / name
+    raise DataError(f"{_where(cfg)}: {stem}(.gz) not found in {raw_dir}: "
+                    f"set data.root=<folder holding MNIST/raw> or data.download=true")
+
+
+def _read_mnist(cfg: Any, raw_dir: Path, prefix: str) -> tuple[Tensor, Tensor]:
+    images = read_idx(_find_idx(cfg, raw_dir, f"{prefix}-images-idx3-ubyte"), "images")
+    labels = read_idx(_find_idx(cfg, raw_dir, f"{prefix}-labels-idx1-ubyte"), "labels")
+    if images.shape[0] != labels.shape[0]:
+        raise DataError(f"{raw_dir}: {prefix} has {images.shape[0]} images but {labels.shape[0]} labels")
+    return images.unsqueeze(1), labels.to(torch.int64)
+
+
+# -- loaders, one per data.name ----------------------------------------------------------------------------
+def _digits(cfg: Any) -> tuple[Dataset, Dataset]:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    # pixel values are 0..16
+    images = torch.from_numpy(digits.images).mul(255 / 16).round().to(torch.uint8).unsqueeze(1)
+    return _split(images, torch.from_numpy(digits.target).to(torch.int64), cfg)
+
+
+def make_synthetic(size: int, image_size: int, channels: int, num_classes: int, seed: int) -> tuple[Tensor, Tensor]:
+    """``size`` uint8 images, balanced over ``num_classes`` classes: each class is a random smooth pattern, each
+    image its class pattern shifted by a random sub-pixel offset, with random contrast and brightness, a random
+    class-independent smooth distractor and pixel noise. Deterministic given the arguments."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def smooth(n: int) -> Tensor:
+        # a 4x4 field upsampled: the same smoothness at every image size keeps the task equally hard; one grey
+        # field tinted per channel, so that more channels do not add independent evidence
+        field = torch.randn(n, 1, 4, 4, generator=gen)
+        field = F.interpolate(field, size=(image_size, image_size), mode="bicubic", align_corners=False)
+        field = (field - field.mean((1, 2, 3), keepdim=True)) / field.std((1, 2, 3), keepdim=True)
+        return field * (1 + 0.3 * torch.randn(n, channels, 1, 1, generator=gen))
+
+    patterns = smooth(num_classes)
+    labels = torch.arange(size) % num_classes
+    labels = labels[torch.randperm(size, generator=gen)]
+    shift = (torch.rand(size, 2, generator=gen) * 2 - 1) * 0.35  # up to 0.35 of the half-width each way
+    contrast = 0.6 + 0.8 * torch.rand(size, 1, 1, 1, generator=gen)
+    brightness = 0.3 * torch.randn(size, 1, 1, 1, generator=gen)
+    theta = torch.zeros(size, 2, 3)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1
+    theta[:, :, 2] = shift
+    images = torch.empty(size, channels, image_size, image_size, dtype=torch.uint8)
+    for start in range(0, size, 1024):
+        end = min(start + 1024, size)
+        grid = F.affine_grid(theta[start:end], [end - start, channels, image_size, image_size], align_corners=False)
+        signal = F.grid_sample(patterns[labels[start:end]], grid, padding_mode="reflection", align_corners=False)
+        x = contrast[start:end] * signal + smooth(end - start) + brightness[start:end]
+        x = x + 0.5 * torch.randn(x.shape, generator=gen)
+        images[start:end] = (0.5 + 0.15 * x).clamp(0, 1).mul(255).round().to(torch.uint8)
+    return images, labels
+
+
+def _synthetic(cfg: Any) -> tuple[Dataset, Dataset]:
+    for key in ("size", "num_classes", "image_size", "channels"):
+        if getattr(cfg, key) < 1:
+            raise DataError(f"data.{key}={getattr(cfg, key)} must be >= 1")
+    images, labels = make_synthetic(cfg.size, cfg.image_size, cfg.channels, cfg.num_classes, cfg.split_seed)
+    return _split(images, labels, cfg)
+
+
+def _mnist(cfg: Any) -> tuple[Dataset, Dataset]:
+    if cfg.subset not in (None, "test_split"):
+        raise DataError(f"data.subset={cfg.subset!r} is not known for mnist; choose null or test_split")
+    root = _root(cfg, "MNIST/raw")
+    raw_dir = root / "MNIST" / "raw"
+    prefixes = ["t10k"] if cfg.subset == "test_split" else ["train", "t10k"]
+    if cfg.download:
+        from torchvision.datasets import MNIST
+
+        _download(cfg, lambda: MNIST(str(root), train=False, download=True))
+    loaded = [_read_mnist(cfg, raw_dir, prefix) for prefix in prefixes]
+    if cfg.subset == "test_split":
+        return _split(*loaded[0], cfg)
+    return ImageTensorDataset(*loaded[0]), ImageTensorDataset(*loaded[1])
+
+
+def _hwc(data: Any) -> Tensor:
+    return torch.as_tensor(data).permute(0, 3, 1, 2).contiguous()
+
+
+def _cifar(cfg: Any) -> tuple[Dataset, Dataset]:
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    cls, folder, files = {
+        "cifar10": (CIFAR10, "cifar-10-batches-py",
+                    [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]),
+        "cifar100": (CIFAR100, "cifar-100-python", ["train", "test", "meta"]),
+    }[cfg.name]
+    root = _root(cfg, folder)
+    if cfg.download:
+        _download(cfg, lambda: cls(str(root), train=True, download=True))
+    else:
+        _require_files(cfg, root / folder, files, folder)
+    sets = []
+    for train in (True, False):
+        try:
+            ds = cls(str(root), train=train, download=False)
+        except RuntimeError as err:
+            raise DataError(f"{_where(cfg)}: {root / folder} is corrupted ({err}): "
+                            "replace its files, or delete them and set data.download=true") from err
+        sets.append(ImageTensorDataset(_hwc(ds.data), torch.as_tensor(ds.targets, dtype=torch.int64)))
+    return sets[0], sets[1]
+
+
+STL10_FILES = ["train_X.bin", "train_y.bin", "test_X.bin", "test_y.bin", "unlabeled_X.bin"]
+
+
+def _stl10(cfg: Any) -> tuple[Dataset, Dataset]:
+    from torchvision.datasets import STL10
+
+    root = _root(cfg, "stl10_binary")
+    if cfg.download:
+        _download(cfg, lambda: STL10(str(root), split="train", download=True))
+    else:
+        # torchvision checks all of these, the unlabeled split included, before reading any
+        _require_files(cfg, root / "stl10_binary", STL10_FILES, "stl10_binary")
+    sets = []
+    for split in ("train", "test"):
+        try:
+            ds = STL10(str(root), split=split, download=False)
+        except RuntimeError as err:
+            raise DataError(f"{_where(cfg)}: {root / 'stl10_binary'} is corrupted ({err}): "
+                            "replace its files, or delete them and set data.download=true") from err
+        sets.append(ImageTensorDataset(torch.as_tensor(ds.data), torch.as_tensor(ds.labels, dtype=torch.int64)))
+    return sets[0], sets[1]
+
+
+def _imagefolder(cfg: Any) -> tuple[Dataset, Dataset]:
+    if cfg.download:
+        raise DataError("data.download=true: imagefolder cannot be downloaded; set data.download=false and "
+                        "data.root=<folder holding train/ and val/>")
+    root = _root(cfg, "train/ and val/", downloadable=False)
+    if cfg.load_size <= 0:
+        raise DataError(f"data.load_size={cfg.load_size} must be > 0 for imagefolder (the stored image size)")
+    if cfg.channels not in (1, 3):
+        raise DataError(f"data.channels={cfg.channels}: imagefolder decodes to 1 (grey) or 3 (RGB) channels")
+    missing = [f"{name}/" for name in ("train", "val") if not (root / name).is_dir()]
+    if missing:
+        raise DataError(f"{_where(cfg)}: {', '.join(missing)} not found in {root}: "
+                        "set data.root=<folder holding train/ and val/, one sub-folder per class in each>")
+    train, val = (ImageFolderDataset(root / name, cfg.load_size, cfg.channels) for name in ("train", "val"))
+    if train.classes != val.classes:
+        raise DataError(f"{_where(cfg)}: train/ and val/ have different class folders "
+                        f"({len(train.classes)} vs {len(val.classes)})")
+    return train, val
+
+
+LOADERS: dict[str, Callable[[Any], tuple[Dataset, Dataset]]] = {
+    "digits": _digits,
+    "synthetic": _synthetic,
+    "mnist": _mnist,
+    "cifar10": _cifar,
+    "cifar100": _cifar,
+    "stl10": _stl10,
+    "imagefolder": _imagefolder,
+}
+
+
+def load_splits(data_cfg: Any) -> tuple[Dataset, Dataset]:
+    """(train, val) for ``data_cfg.name``; train serves self-supervised training (labels only for monitoring)."""
+    if data_cfg.name not in LOADERS:
+        raise DataError(f"data.name={data_cfg.name!r} is not known; choose one of {', '.join(LOADERS)}")
+    train, val = LOADERS[data_cfg.name](data_cfg)
+    found = max(train.num_classes, val.num_classes)
+    if found != data_cfg.num_classes:
+        raise DataError(f"data.num_classes={data_cfg.num_classes} but {data_cfg.name} has {found} classes: "
+                        f"set data.num_classes={found}")
+    channels = train[0][0].shape[0]
+    if channels != data_cfg.channels:
+        raise DataError(f"data.channels={data_cfg.channels} but {data_cfg.name} images have {channels}: "
+                        f"set data.channels={channels}")
+    return train, val

@@ -1,0 +1,110 @@
+"""Evaluation shared by all methods: weighted kNN, few-shot kNN and linear probe, offline linear evaluation.
+
+``python -m contrastive.evaluate ckpt=PATH [eval.linear_epochs=...]`` evaluates a checkpoint on the data set it
+was trained on; ``train`` calls :func:`evaluate_features` at the end of every run.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+
+from contrastive.metrics import (
+    fewshot_knn_accuracy,
+    fewshot_linear_accuracy,
+    knn_accuracy,
+    linear_accuracy,
+)
+
+
+@torch.no_grad()
+def extract_features(encoder: nn.Module | None, transform: nn.Module, loader, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Features of every image of ``loader`` (eval transform, no augmentation); ``encoder=None``: raw pixels."""
+    was_training = encoder.training if encoder is not None else False
+    if encoder is not None:
+        encoder.eval()
+    feats, labels = [], []
+    for images, y, _ in loader:
+        x = transform.to(device)(images.to(device, non_blocking=True))
+        feats.append((encoder(x) if encoder is not None else x.flatten(1)).float())
+        labels.append(y.to(device))
+    if encoder is not None:
+        encoder.train(was_training)
+    return torch.cat(feats), torch.cat(labels)
+
+
+def evaluate_features(
+    train: tuple[Tensor, Tensor], val: tuple[Tensor, Tensor], num_classes: int, cfg: DictConfig,
+    prefix: str = "", full: bool = True,
+) -> dict[str, float]:
+    """kNN with all labels and with ``cfg.shots`` labels per class (mean over ``cfg.fewshot_seeds`` seeds);
+    with ``full``, also few-shot and offline linear probes."""
+    (xt, yt), (xv, yv) = train, val
+    seeds = range(cfg.fewshot_seeds)
+    knn = dict(k=cfg.knn_k, temperature=cfg.knn_temperature)
+    out = {f"{prefix}knn_acc": knn_accuracy(xt, yt, xv, yv, num_classes, **knn)}
+    for shots in cfg.shots:
+        out[f"{prefix}knn_acc_{shots}shot"] = fewshot_knn_accuracy(xt, yt, xv, yv, num_classes, shots, seeds, **knn)
+        if full:
+            out[f"{prefix}fewshot_linear_acc_{shots}shot"] = fewshot_linear_accuracy(
+                xt, yt, xv, yv, num_classes, shots, seeds
+            )
+    if full and cfg.linear_epochs > 0:
+        out[f"{prefix}offline_linear_acc"] = linear_accuracy(xt, yt, xv, yv, num_classes, epochs=cfg.linear_epochs)
+    return {k: round(float(v), 2) for k, v in out.items()}
+
+
+def evaluate_encoder(encoder: nn.Module, transform: nn.Module, datamodule, cfg: DictConfig, device, **kwargs):
+    train_loader, val_loader = datamodule.eval_loaders()
+    train = extract_features(encoder, transform, train_loader, device)
+    val = extract_features(encoder, transform, val_loader, device)
+    return evaluate_features(train, val, datamodule.num_classes, cfg, **kwargs)
+
+
+def evaluate_checkpoint(ckpt: str | Path, overrides: dict | None = None) -> dict[str, float]:
+    """Rebuild the model and data of a checkpoint from the config stored in it, and evaluate the backbone."""
+    from contrastive.data.datamodule import ContrastiveDataModule
+    from contrastive.methods import method_class
+
+    path = Path(ckpt)
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt={str(path)!r} does not exist")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    hparams = state.get("hyper_parameters", {})
+    if "cfg" not in hparams:
+        raise ValueError(f"ckpt={str(path)!r} is not a contrastive checkpoint (no config inside)")
+    cfg = OmegaConf.create(hparams["cfg"])
+    if overrides:
+        cfg = OmegaConf.merge(cfg, OmegaConf.create(overrides))
+    model = method_class(cfg.method.name)(cfg, hparams["num_train"])
+    model.load_state_dict(state["state_dict"])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    dm = ContrastiveDataModule(cfg.data)
+    dm.setup("fit")
+    metrics = evaluate_encoder(model.backbone, model.eval_transform, dm, cfg.eval, device)
+    return {"method": cfg.method.name, "data": cfg.data.name, "ckpt": str(path), **metrics}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = OmegaConf.from_dotlist(sys.argv[1:] if argv is None else argv)
+    if "ckpt" not in args:
+        print("usage: python -m contrastive.evaluate ckpt=PATH [eval.linear_epochs=N eval.knn_k=K ...]", file=sys.stderr)
+        return 2
+    ckpt = args.pop("ckpt")
+    try:
+        metrics = evaluate_checkpoint(ckpt, OmegaConf.to_container(args))
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""Machinery every method shares: backbone, projector, on-device augmentation, online probe, kNN monitor,
+optimiser and schedule. A method subclass implements :meth:`ContrastiveMethod.contrastive_loss` only."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+
+from contrastive import distributed as dist
+from contrastive.data.augment import build_augment, build_eval_transform
+from contrastive.metrics import alignment, embedding_std, false_negative_rate, knn_accuracy, uniformity
+from contrastive.models import build_backbone, projection_head
+from contrastive.optim import build_optimizer, warmup_cosine
+
+
+@dataclass
+class StepOutput:
+    """What a method's loss step hands back to the shared training step."""
+
+    loss: Tensor
+    features: Tensor  # backbone features of the first view, for the online probe
+    logs: dict[str, Tensor] = field(default_factory=dict)
+
+
+class ContrastiveMethod(L.LightningModule):
+    negatives_source = "none"
+
+    def __init__(self, cfg: DictConfig | dict, num_train: int):
+        super().__init__()
+        cfg = OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg
+        self.save_hyperparameters({"cfg": OmegaConf.to_container(cfg, resolve=True), "num_train": num_train})
+        self.cfg = OmegaConf.create(self.hparams.cfg)
+        self.num_train = num_train
+        m, data = self.cfg.method, self.cfg.data
+        self.backbone = build_backbone(
+            self.cfg.backbone.name, data.channels, self.cfg.backbone.small_images, self.cfg.backbone.width,
+            self.cfg.backbone.depth,
+        )
+        self.feature_dim = self.backbone.out_dim
+        self.projector = projection_head(self.feature_dim, m.proj_hidden_dim, m.proj_out_dim, m.proj_layers)
+        self.probe = nn.Linear(self.feature_dim, data.num_classes)
+        self.augment = build_augment(self.cfg.augment, data, m.num_views, m.num_small_views)
+        self.eval_transform = build_eval_transform(data)
+        self._val_outputs: dict[int, list[tuple[Tensor, Tensor]]] = {0: [], 1: []}
+        self._probe_images: Tensor | None = None
+        self._probe_index: Tensor | None = None
+        self.train_labels: Tensor | None = None
+
+    # -- what a method provides -------------------------------------------------------------------------------
+    def contrastive_loss(self, views: list[Tensor], index: Tensor, labels: Tensor) -> StepOutput:
+        raise NotImplementedError
+
+    def dictionary_stats(self) -> dict[str, float]:
+        """Per-epoch figures of the method's dictionary (size, negatives per query, staleness)."""
+        return {}
+
+    # -- shared pieces --------------------------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        """Backbone features of already-transformed images."""
+        return self.backbone(x)
+
+    def embed(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        feats = self.backbone(x)
+        return feats, self.projector(feats)
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.cfg.data.batch_size * max(self.trainer.world_size, 1) if self._trainer else self.cfg.data.batch_size
+
+    def on_fit_start(self) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is None:
+            return
+        train = dm.train_set
+        labels = getattr(train, "labels", None)
+        if labels is not None:
+            # labels serve measurement only (false-negative rate); the loss never reads them
+            self.train_labels = torch.as_tensor(labels).to(self.device)
+        gen = torch.Generator().manual_seed(1234)
+        size = min(self.cfg.method.probe_size, len(train))
+        self._probe_index = torch.randperm(len(train), generator=gen)[:size]
+        self._probe_images = torch.stack([train[int(i)][0] for i in self._probe_index]).to(self.device)
+
+    def training_step(self, batch, batch_idx: int) -> Tensor:
+        images, labels, index = batch
+        with torch.no_grad():
+            views = self.augment(images)
+        if self.cfg.perf.channels_last:
+            views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+        out = self.contrastive_loss(views, index, labels)
+        probe_logits = self.probe(out.features.detach())
+        probe_loss = F.cross_entropy(probe_logits, labels)
+        self.log("train/loss", out.loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=False)
+        self.log("train/probe_loss", probe_loss, on_step=False, on_epoch=True)
+        for name, value in out.logs.items():
+            self.log(f"train/{name}", value, on_step=False, on_epoch=True)
+        return out.loss + probe_loss
+
+    def false_negative_rate(self, query_labels: Tensor, negative_index: Tensor) -> Tensor | None:
+        """Share of a query's negatives that have its class; ``negative_index`` holds training-set indices
+        (``[K]`` or ``[n, K]``, -1 for an empty slot). Labels serve this measurement only."""
+        if self.train_labels is None:
+            return None
+        labels = self.train_labels[negative_index.clamp_min(0)].masked_fill(negative_index < 0, -1)
+        return false_negative_rate(query_labels, labels)
+
+    # -- validation: kNN monitor, online probe, diagnostics ----------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        self._val_outputs = {0: [], 1: []}
+
+    def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        images, labels, _ = batch
+        feats = self.backbone(self.eval_transform(images))
+        self._val_outputs[dataloader_idx].append((feats.detach(), labels))
+        if dataloader_idx == 1:
+            acc = (self.probe(feats).argmax(1) == labels).float().mean() * 100
+            self.log("val/linear_acc", acc, on_epoch=True, add_dataloader_idx=False, sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val_outputs[0] or not self._val_outputs[1]:
+            return
+        bank, bank_labels = (dist.gather(torch.cat(t)) for t in zip(*self._val_outputs[0]))
+        query, query_labels = (dist.gather(torch.cat(t)) for t in zip(*self._val_outputs[1]))
+        acc = knn_accuracy(
+            bank, bank_labels, query, query_labels, self.cfg.data.num_classes,
+            k=self.cfg.eval.knn_k, temperature=self.cfg.eval.knn_temperature,
+        )
+        self.log("val/knn_acc", acc, add_dataloader_idx=False)
+        self._val_outputs = {0: [], 1: []}
+        if self.cfg.diagnostics and not self.trainer.sanity_checking:
+            for name, value in self.diagnostics().items():
+                self.log(f"diag/{name}", value, add_dataloader_idx=False)
+
+    @torch.no_grad()
+    def diagnostics(self) -> dict[str, float]:
+        """Alignment / uniformity (Wang & Isola 2020) of two augmented views of a fixed probe subset, the
+        embedding spread (collapse -> 0), and the method's dictionary figures."""
+        out: dict[str, float] = {}
+        if self._probe_images is not None:
+            was_training = self.training
+            self.eval()
+            v1, v2 = self.augment.large(self._probe_images), self.augment.large(self._probe_images)
+            z1, z2 = self.projector(self.backbone(v1)), self.projector(self.backbone(v2))
+            self.train(was_training)
+            out["alignment"] = float(alignment(z1, z2))
+            out["uniformity"] = float(uniformity(z1))
+            out["embedding_std"] = float(embedding_std(z1))
+        out.update(self.dictionary_stats())
+        return out
+
+    # -- optimisation ---------------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        optim = self.cfg.optim
+        lr = optim.lr * (self.global_batch_size / 256 if optim.scale_lr else 1.0)
+        encoder = [(n, p) for n, p in self.named_parameters() if p.requires_grad and not n.startswith("probe.")]
+        optimizer = build_optimizer(optim, encoder, list(self.probe.parameters()), lr)
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        steps_per_epoch = max(total // max(self.trainer.max_epochs or 1, 1), 1)
+        warmup = int(optim.warmup_epochs * steps_per_epoch)
+        schedule = warmup_cosine(optimizer, warmup, total, optim.min_lr_ratio, optim.scheduler)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def progress(self) -> float:
+        """Fraction of training done, for schedules (momentum, freezing)."""
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        return min(self.global_step / total, 1.0)
+
+
+def cosine_ramp(start: float, end: float, progress: float) -> float:
+    """Cosine interpolation from ``start`` (progress 0) to ``end`` (progress 1)."""
+    return end - (end - start) * (math.cos(math.pi * progress) + 1) / 2

@@ -1,0 +1,209 @@
+"""Instance discrimination as the survey draws it: a query encoder, a key encoder and a source of negatives.
+
+Two axes span SimCLR, InstDisc/NPID and MoCo (and the cells between them):
+
+* ``method.key_encoder``: ``shared`` (the query encoder itself; gradients through both views) or ``momentum``
+  (an EMA copy of backbone + projector, no gradient);
+* ``method.negatives``: ``batch`` (the other samples of the gathered batch), ``bank`` (one stored feature per
+  training image) or ``queue`` (a FIFO of past keys).
+
+Every cell goes through the shared InfoNCE cross-entropy in :mod:`contrastive.losses`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from contrastive import distributed as dist
+from contrastive import losses
+from contrastive.methods.base import ContrastiveMethod, StepOutput, cosine_ramp
+from contrastive.negatives import MemoryBank, Queue
+
+
+class InstanceDiscrimination(ContrastiveMethod):
+    def __init__(self, cfg, num_train: int):
+        super().__init__(cfg, num_train)
+        m = self.cfg.method
+        self.key_encoder_kind, self.negatives_source = m.key_encoder, m.negatives
+        if m.key_encoder == "momentum":
+            self.key_backbone = copy.deepcopy(self.backbone).requires_grad_(False)
+            self.key_projector = copy.deepcopy(self.projector).requires_grad_(False)
+            self.register_buffer("momentum", torch.tensor(float(m.momentum)))
+        if m.negatives == "bank":
+            self.bank = MemoryBank(num_train, m.proj_out_dim, m.bank_momentum)
+            self.num_negatives = m.num_negatives or min(4096, num_train - 1)
+            self.register_buffer("log_z", torch.tensor(float("nan")))  # NCE normaliser, fixed by the first batch
+        elif m.negatives == "queue":
+            self.queue = Queue(m.queue_size, m.proj_out_dim)
+
+    # -- key encoder -----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def momentum_update(self) -> None:
+        """theta_k <- m * theta_k + (1 - m) * theta_q over the whole key path, head included."""
+        m = float(self.momentum)
+        for q_mod, k_mod in ((self.backbone, self.key_backbone), (self.projector, self.key_projector)):
+            q_params, k_params = list(q_mod.parameters()), list(k_mod.parameters())
+            torch._foreach_mul_(k_params, m)
+            torch._foreach_add_(k_params, q_params, alpha=1 - m)
+            for q_buf, k_buf in zip(q_mod.buffers(), k_mod.buffers()):
+                k_buf.copy_(q_buf)
+
+    @torch.no_grad()
+    def momentum_keys(self, x: Tensor) -> Tensor:
+        """Keys from the momentum encoder, with BN statistics that cannot leak the positive: across processes
+        the batch is shuffled before encoding (shuffle-BN); on one process it is shuffled and encoded in
+        ``bn_splits`` sub-batches, so no key shares its BN statistics with its own query's batch."""
+        net = lambda v: self.key_projector(self.key_backbone(v))  # noqa: E731
+        if not self.cfg.method.shuffle_bn:
+            return net(x)
+        if dist.world_size() > 1:
+            shuffled, perm = dist.shuffle_across_processes(x)
+            return dist.unshuffle_across_processes(net(shuffled), perm)
+        perm = torch.randperm(len(x), device=x.device)
+        splits = max(1, min(self.cfg.method.bn_splits, len(x) // 2))
+        keys = torch.cat([net(chunk) for chunk in x[perm].chunk(splits)])
+        return keys[torch.argsort(perm)]
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self.key_encoder_kind != "momentum":
+            return
+        self.momentum_update()
+        if self.cfg.method.momentum_schedule == "cosine":
+            self.momentum.fill_(cosine_ramp(self.cfg.method.momentum, 1.0, self.progress()))
+
+    # -- the step --------------------------------------------------------------------------------------------
+    def contrastive_loss(self, views: list[Tensor], index: Tensor, labels: Tensor) -> StepOutput:
+        m = self.cfg.method
+        query_views = [0, 1] if (len(views) == 2 and m.symmetric) or m.negatives == "batch" else [0]
+        feats, queries = {}, {}
+        for i in query_views:
+            feats[i], queries[i] = self.embed(views[i])
+        if self.key_encoder_kind == "momentum":
+            keys = {i: self.momentum_keys(v) for i, v in enumerate(views)}
+        else:
+            keys = {i: queries[i] if i in queries else self.embed(views[i])[1] for i in range(len(views))}
+        other = (lambda i: 1 - i) if len(views) == 2 else (lambda i: i)
+
+        logs: dict[str, Tensor] = {}
+        if m.negatives == "batch":
+            loss = self.batch_loss(queries, keys, labels, logs)
+        elif m.negatives == "bank":
+            loss = self.bank_loss(queries, keys, other, index, labels, logs)
+        else:
+            loss = self.queue_loss(queries, keys, other, index, labels, logs)
+        return StepOutput(loss=loss, features=feats[0], logs=logs)
+
+    def batch_loss(self, queries, keys, labels, logs) -> Tensor:
+        """SimCLR's NT-Xent with a shared encoder; with a momentum encoder, each query against the keys of the
+        gathered batch (MoCo v3's choice). Embeddings are gathered with gradient."""
+        n, offset = len(labels), dist.rank() * len(labels)
+        all_labels = dist.gather(labels)
+        if self.key_encoder_kind == "shared":
+            z1, z2 = queries[0], queries[1]
+            loss = losses.gathered_nt_xent(
+                z1, z2, dist.gather_with_grad(z1), dist.gather_with_grad(z2), offset, self.cfg.method.temperature
+            )
+            negatives_per_query = 2 * len(all_labels) - 2
+        else:
+            terms = [
+                losses.gathered_info_nce(queries[i], dist.gather(keys[1 - i]), offset, self.cfg.method.temperature)
+                for i in queries
+            ]
+            loss = torch.stack(terms).mean()
+            negatives_per_query = len(all_labels) - 1
+        if self.train_labels is not None:
+            same = (labels[:, None] == all_labels[None, :]).float().sum(1) - 1  # minus the sample itself
+            logs["false_negative_rate"] = (same / max(len(all_labels) - 1, 1)).mean()
+        self._last_negatives = negatives_per_query
+        return loss
+
+    def bank_loss(self, queries, keys, other, index, labels, logs) -> Tensor:
+        """InstDisc/NPID: negatives drawn uniformly from the bank; with one view the positive is the sample's own
+        bank entry from before this step's update. The bank then takes ``normalize(m * old + (1 - m) * new)``."""
+        m, n = self.cfg.method, len(index)
+        global_index = dist.gather(index)
+        sample = self.bank.sample_indices(len(global_index), self.num_negatives, index.device)
+        neg_index = sample[dist.rank() * n : (dist.rank() + 1) * n]
+        negatives = self.bank.features[neg_index].clone()  # [n, K, D]
+        terms = []
+        for i, q in queries.items():
+            positive = self.bank.features[index].clone() if len(keys) == 1 else keys[other(i)]
+            if m.loss == "nce":
+                terms.append(self.nce(q, positive, negatives))
+            else:
+                terms.append(losses.info_nce(q, positive, negatives, m.temperature))
+        fnr = self.false_negative_rate(labels, neg_index)
+        if fnr is not None:
+            logs["false_negative_rate"] = fnr
+        self.bank.update(global_index, dist.gather(keys[0].detach()), self.global_step)
+        return torch.stack(terms).mean()
+
+    def nce(self, q: Tensor, positive: Tensor, negatives: Tensor) -> Tensor:
+        q, positive, negatives = F.normalize(q, dim=1), F.normalize(positive, dim=1), F.normalize(negatives, dim=2)
+        pos = (q * positive).sum(1)
+        neg = torch.einsum("nd,nkd->nk", q, negatives)
+        if torch.isnan(self.log_z):
+            # Z ~ n * E[exp(v.f / T)], estimated once over the first batch's negatives, as in the paper
+            scaled = dist.gather(neg.detach().float() / self.cfg.method.temperature).flatten()
+            self.log_z.fill_(torch.logsumexp(scaled, 0) - math.log(scaled.numel()) + math.log(self.num_train))
+        return losses.nce_loss(pos, neg, self.cfg.method.temperature, self.log_z, self.num_train)
+
+    def queue_loss(self, queries, keys, other, index, labels, logs) -> Tensor:
+        """MoCo: the queue as it was before this batch is every query's negatives; the new keys are enqueued only
+        after all loss terms, so a sample's own key is never its negative (one queue, symmetric or not)."""
+        queue_keys = self.queue.keys.clone()
+        terms = [losses.info_nce(q, keys[other(i)], queue_keys, self.cfg.method.temperature) for i, q in queries.items()]
+        fnr = self.false_negative_rate(labels, self.queue.index)
+        if fnr is not None:
+            logs["false_negative_rate"] = fnr
+        key_view = 1 if len(keys) == 2 else 0
+        self.queue.enqueue(dist.gather(keys[key_view].detach()), dist.gather(index), self.global_step)
+        return torch.stack(terms).mean()
+
+    # -- diagnostics -------------------------------------------------------------------------------------------
+    def key_net(self, x: Tensor) -> Tensor:
+        if self.key_encoder_kind == "momentum":
+            return self.key_projector(self.key_backbone(x))
+        return self.projector(self.backbone(x))
+
+    @torch.no_grad()
+    def dictionary_stats(self) -> dict[str, float]:
+        """Negatives per query, dictionary size and, for a bank or queue, staleness: the mean cosine between the
+        stored entries of a fixed probe subset and the same images encoded now by the key encoder (1 = fresh),
+        and the mean age of those entries in steps."""
+        stats: dict[str, float] = {}
+        if self.negatives_source == "batch":
+            stats["negatives_per_query"] = float(getattr(self, "_last_negatives", 0))
+            stats["dictionary_size"] = float(self.global_batch_size * (2 if self.key_encoder_kind == "shared" else 1))
+            return stats
+        if self.negatives_source == "bank":
+            stats["negatives_per_query"] = float(self.num_negatives)
+            stats["dictionary_size"] = float(len(self.bank))
+            slots = self._probe_index.to(self.device) if self._probe_index is not None else None
+            stored_index = slots
+            stored = self.bank.features[slots] if slots is not None else None
+            written = self.bank.written_at[slots] if slots is not None else None
+        else:
+            stats["negatives_per_query"] = float(len(self.queue))
+            stats["dictionary_size"] = float(len(self.queue))
+            filled = (self.queue.index >= 0).nonzero().squeeze(1)[: self.cfg.method.probe_size]
+            stored_index, stored, written = self.queue.index[filled], self.queue.keys[filled], self.queue.written_at[filled]
+        if stored_index is None or len(stored_index) == 0:
+            return stats
+        dm = self.trainer.datamodule
+        images = torch.stack([dm.train_set[int(i)][0] for i in stored_index.cpu()]).to(self.device)
+        was_training = self.training
+        self.eval()
+        fresh = self.key_net(self.eval_transform(images))
+        self.train(was_training)
+        seen = written >= 0
+        if seen.any():
+            cos = F.cosine_similarity(stored[seen].float(), fresh[seen].float(), dim=1)
+            stats["staleness"] = float(cos.mean())
+            stats["staleness_age_steps"] = float((self.global_step - written[seen]).float().mean())
+        return stats

@@ -1,0 +1,72 @@
+"""Where negatives come from: the dictionaries of the survey's architectures.
+
+``batch`` needs no state (the other samples of the gathered batch). :class:`MemoryBank` (InstDisc/NPID) holds one
+feature per training image; :class:`Queue` (MoCo) holds the most recent keys. Both keep their state in persistent
+buffers, so it is saved in checkpoints and restored on resume, and are written identically on every process
+(writes are gathered first), so DDP never needs to broadcast them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class MemoryBank(nn.Module):
+    """One L2-normalised feature per training sample, addressed by the sample's index (Wu et al. 2018)."""
+
+    def __init__(self, size: int, dim: int, momentum: float = 0.5):
+        super().__init__()
+        self.momentum = momentum
+        self.register_buffer("features", F.normalize(torch.randn(size, dim), dim=1))
+        self.register_buffer("written_at", torch.full((size,), -1, dtype=torch.long))
+
+    def __len__(self) -> int:
+        return self.features.shape[0]
+
+    def sample_indices(self, global_batch: int, k: int, device: torch.device) -> Tensor:
+        """Uniform indices ``[global_batch, K]`` for the whole gathered batch; each process takes its rows, so
+        one process and N processes draw the same negatives from the same seed."""
+        return torch.randint(len(self), (global_batch, k), device=device)
+
+    @torch.no_grad()
+    def update(self, index: Tensor, features: Tensor, step: int) -> None:
+        """``v_i <- normalize(m * v_i + (1 - m) * f_i)`` for the batch's samples (indices of the gathered batch)."""
+        mixed = self.momentum * self.features[index] + (1 - self.momentum) * F.normalize(features.float(), dim=1)
+        self.features[index] = F.normalize(mixed, dim=1).to(self.features.dtype)
+        self.written_at[index] = step
+
+
+class Queue(nn.Module):
+    """FIFO ring buffer of the last K keys (He et al. 2020), with the index and step of the sample behind each key.
+
+    The indices make the dictionary measurable (staleness, false negatives); they are never used by the loss.
+    """
+
+    def __init__(self, size: int, dim: int):
+        super().__init__()
+        self.register_buffer("keys", F.normalize(torch.randn(size, dim), dim=1))
+        self.register_buffer("index", torch.full((size,), -1, dtype=torch.long))
+        self.register_buffer("written_at", torch.full((size,), -1, dtype=torch.long))
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+        self._ptr: int | None = None  # host copy of ptr: reading the buffer every step would sync with the GPU
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._ptr = None
+
+    def __len__(self) -> int:
+        return self.keys.shape[0]
+
+    @torch.no_grad()
+    def enqueue(self, keys: Tensor, index: Tensor, step: int) -> None:
+        """Replace the oldest ``len(keys)`` entries; the queue size is a multiple of the batch, so no wrap inside
+        one write (checked when the config is validated)."""
+        n = keys.shape[0]
+        ptr = int(self.ptr) if self._ptr is None else self._ptr
+        self.keys[ptr : ptr + n] = F.normalize(keys.float(), dim=1).to(self.keys.dtype)
+        self.index[ptr : ptr + n] = index
+        self.written_at[ptr : ptr + n] = step
+        self._ptr = (ptr + n) % len(self)
+        self.ptr.fill_(self._ptr)

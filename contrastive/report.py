@@ -1,0 +1,633 @@
+"""A folder of runs -> ``comparison.md`` (table, plots, sweeps, the survey's claims checked) and PNG plots beside it.
+
+``python -m contrastive.report DIR [--out DIR]`` reads every ``metrics.json`` below DIR (a Hydra multirun folder or
+any folder of run folders); :func:`make_report` does the same from Python and returns the markdown's path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import yaml
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+HOLDS, FAILS, UNMEASURED = "holds", "does not hold", "not measured here"
+SWAV_MARGIN = 5.0  # points of kNN accuracy within which clustering counts as "comparable" (claim f)
+# Override keys that name the run rather than a hyperparameter of it.
+_IGNORED_KEYS = ("method", "output_dir", "ckpt_path", "resume")
+_FAMILY_BY_NEGATIVES = {"batch": "end-to-end", "bank": "memory bank", "queue": "momentum queue",
+                        "prototypes": "clustering"}
+_FAMILY_BY_METHOD = {"simclr": "end-to-end", "memory_bank": "memory bank", "moco": "momentum queue",
+                     "swav": "clustering"}
+_INSTANCE_FAMILIES = ("end-to-end", "memory bank", "momentum queue")
+
+
+class NoRunsError(ValueError):
+    """No readable ``metrics.json`` below the folder given."""
+
+
+def _as_float(value: Any) -> float | None:
+    """A finite number from a JSON value or an override string; None for anything else."""
+    if isinstance(value, bool) or value is None:
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _mean(values: Iterable[float]) -> float:
+    values = list(values)
+    return sum(values) / len(values)
+
+
+def parse_overrides(items: Iterable[Any]) -> dict[str, str]:
+    """Hydra override strings -> {key: value}; ``+``/``++`` prefixes dropped, deletions (``~key``) skipped."""
+    out: dict[str, str] = {}
+    for item in items:
+        if isinstance(item, str) and "=" in item and not item.startswith("~"):
+            key, value = item.split("=", 1)
+            out[key.lstrip("+").strip()] = value.strip()
+    return out
+
+
+@dataclass
+class Run:
+    """One run folder: its summary metrics and its Hydra overrides."""
+
+    name: str
+    path: Path
+    metrics: dict[str, Any]
+    overrides: dict[str, str]
+
+    @property
+    def method(self) -> str:
+        return str(self.metrics.get("method") or self.overrides.get("method") or "unknown")
+
+    @property
+    def family(self) -> str | None:
+        """The survey's architecture: from the negatives' source, else from the method's name."""
+        return _FAMILY_BY_NEGATIVES.get(str(self.metrics.get("negatives"))) or _FAMILY_BY_METHOD.get(self.method)
+
+    @property
+    def setting(self) -> tuple[str, str, str]:
+        """What must match for two runs to be compared as 'comparable settings'."""
+        return tuple(str(self.metrics.get(key)) for key in ("data", "backbone", "epochs"))
+
+    def num(self, key: str) -> float | None:
+        return _as_float(self.metrics.get(key))
+
+    @cached_property
+    def config(self) -> dict[str, Any]:
+        for path in (self.path / "config.yaml", self.path / ".hydra" / "config.yaml"):
+            if path.is_file():
+                try:
+                    loaded = yaml.safe_load(path.read_text())
+                except yaml.YAMLError:
+                    continue
+                if isinstance(loaded, dict):
+                    return loaded
+        return {}
+
+    def value(self, key: str) -> float | str | None:
+        """The run's value of an override key, a number where it parses as one. A run that did not override the
+        key (the default point of a sweep) gets it from its saved config, if the folder has one."""
+        raw: Any = self.overrides.get(key)
+        if raw is None:
+            node: Any = self.config
+            for part in key.split("."):
+                node = node.get(part) if isinstance(node, dict) else None
+            if node is None or isinstance(node, (dict, list)):
+                return None
+            raw = str(node).lower() if isinstance(node, bool) else str(node)
+        number = _as_float(raw)
+        return number if number is not None else raw
+
+
+def load_runs(root: Path) -> list[Run]:
+    """Every run folder below ``root`` (a folder holding ``metrics.json``); unreadable files are skipped."""
+    runs = []
+    for path in sorted(root.rglob("metrics.json")):
+        try:
+            metrics = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            print(f"warning: skipping {path}: {err}", file=sys.stderr)
+            continue
+        if not isinstance(metrics, dict):
+            print(f"warning: skipping {path}: not a JSON object", file=sys.stderr)
+            continue
+        run_dir = path.parent
+        raw = metrics.get("overrides")
+        hydra_overrides = run_dir / ".hydra" / "overrides.yaml"
+        if not raw and hydra_overrides.is_file():
+            raw = yaml.safe_load(hydra_overrides.read_text())
+        name = run_dir.relative_to(root).as_posix() if run_dir != root else root.name
+        runs.append(Run(name, run_dir, metrics, parse_overrides(raw or [])))
+    return runs
+
+
+def _ignored(key: str) -> bool:
+    return key in _IGNORED_KEYS or key == "hydra" or key.startswith("hydra.")
+
+
+def _by(runs: Iterable[Run], key: Callable[[Run], Any]) -> dict[Any, list[Run]]:
+    groups: dict[Any, list[Run]] = defaultdict(list)
+    for run in runs:
+        groups[key(run)].append(run)
+    return dict(groups)
+
+
+def swept_keys(runs: list[Run]) -> dict[str, list[str]]:
+    """Per method, the override keys whose values differ across that method's runs."""
+    out = {}
+    for method, group in _by(runs, lambda r: r.method).items():
+        keys = sorted({key for run in group for key in run.overrides if not _ignored(key)})
+        out[method] = [key for key in keys if len({run.value(key) for run in group}) > 1]
+    return out
+
+
+def _sort_value(value: float | str | None) -> tuple[int, float | str]:
+    if isinstance(value, float):
+        return 0, value
+    return (1, value) if value is not None else (2, "")
+
+
+def _short(value: float | str | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:g}" if isinstance(value, float) else value
+
+
+def run_labels(runs: list[Run], swept: dict[str, list[str]]) -> dict[str, str]:
+    """Method plus its swept values (``moco queue_size=1024``); the folder name is added where that is ambiguous."""
+    labels = {}
+    for run in runs:
+        parts = [f"{key.rsplit('.', 1)[-1]}={_short(run.value(key))}" for key in swept.get(run.method, [])]
+        labels[run.name] = " ".join([run.method, *parts])
+    counts = defaultdict(int)
+    for label in labels.values():
+        counts[label] += 1
+    return {name: label if counts[label] == 1 else f"{label} ({name})" for name, label in labels.items()}
+
+
+# ---------------------------------------------------------------------------------------------------- table
+
+
+def _fmt(value: Any, digits: int | None) -> str:
+    """``digits=None``: text; otherwise a number with that many decimals; '-' for missing/null/non-numeric."""
+    if digits is None:
+        return "-" if value is None or value == "" else str(value).replace("|", "\\|")
+    number = _as_float(value)
+    return "-" if number is None else f"{number:,.{digits}f}"
+
+
+# (header, metrics key, decimals or None for text)
+COLUMNS: list[tuple[str, str, int | None]] = [
+    ("method", "method", None), ("backbone", "backbone", None), ("data", "data", None), ("epochs", "epochs", 0),
+    ("batch", "global_batch_size", 0), ("negatives/query", "negatives_per_query", 0), ("kNN", "knn_acc", 1),
+    ("1-shot kNN", "knn_acc_1shot", 1), ("10-shot kNN", "knn_acc_10shot", 1), ("linear (online)", "linear_acc", 1),
+    ("offline linear", "offline_linear_acc", 1), ("staleness", "staleness", 3),
+    ("false-neg. rate", "false_negative_rate", 3), ("alignment", "alignment", 3), ("uniformity", "uniformity", 3),
+    ("images/s", "images_per_sec", 0), ("peak mem (MB)", "peak_mem_mb", 0), ("time (s)", "train_time_s", 1),
+]
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def runs_table(runs: list[Run]) -> str:
+    rows = [[f"`{_fmt(run.name, None)}`", *(_fmt(run.metrics.get(key), digits) for _, key, digits in COLUMNS)]
+            for run in runs]
+    return _md_table(["run", *(header for header, _, _ in COLUMNS)], rows)
+
+
+def baselines_line(runs: list[Run]) -> str:
+    """Raw-pixel kNN (from the first run that measured it) and each method's random-init 1-shot kNN."""
+    parts = []
+    pixel_keys = [("kNN", "pixels_knn_acc"), ("1-shot kNN", "pixels_knn_acc_1shot"),
+                  ("10-shot kNN", "pixels_knn_acc_10shot")]
+    source = next((run for run in runs if any(run.num(key) is not None for _, key in pixel_keys)), None)
+    if source is not None:
+        figures = ", ".join(f"{name} {_fmt(source.metrics.get(key), 1)}" for name, key in pixel_keys)
+        parts.append(f"Raw pixels (from `{source.name}`): {figures}.")
+    else:
+        parts.append("Raw pixels: not measured.")
+    init = []
+    for method, group in _by(runs, lambda r: r.method).items():
+        values = [v for v in (run.num("init_knn_acc_1shot") for run in group) if v is not None]
+        if values:
+            init.append(f"{method} {_mean(values):.1f}" + (f" (mean of {len(values)})" if len(values) > 1 else ""))
+    parts.append("Random-init encoder, 1-shot kNN: " + (", ".join(init) + "." if init else "not measured."))
+    return " ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------------- plots
+
+_LINESTYLES = ["-", "--", ":", "-."]
+_MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
+
+
+def _colors(runs: list[Run]) -> dict[str, Any]:
+    from matplotlib import colormaps
+
+    palette = colormaps["tab10"].colors
+    return {method: palette[i % len(palette)] for i, method in enumerate(sorted({run.method for run in runs}))}
+
+
+def _save(fig: Figure, path: Path) -> None:
+    FigureCanvasAgg(fig)  # render with Agg whatever pyplot's backend is (notebooks keep theirs)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+
+
+def _set_log2(ax: Any) -> None:
+    """Log2 x axis with plain-number tick labels (256, not 2^8)."""
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+
+
+def _log2_axis(ax: Any, values: list[float]) -> None:
+    """Log2 x axis where the values span enough for it to help."""
+    if values and min(values) > 0 and max(values) / min(values) >= 8:
+        _set_log2(ax)
+
+
+def plot_knn_per_epoch(runs: list[Run], labels: dict[str, str], path: Path) -> bool:
+    colors, fig = _colors(runs), Figure(figsize=(7.5, 4.5))
+    ax, drawn, seen = fig.subplots(), False, defaultdict(int)
+    for run in runs:
+        points = [(rec["epoch"], rec["knn_acc"]) for rec in run.metrics.get("history") or []
+                  if isinstance(rec, dict) and _as_float(rec.get("epoch")) is not None
+                  and _as_float(rec.get("knn_acc")) is not None]
+        if not points:
+            continue
+        i = seen[run.method]
+        seen[run.method] += 1
+        # History epochs are 0-based (recorded during the epoch); +1 counts epochs completed, as the table does.
+        ax.plot([e + 1 for e, _ in points], [a for _, a in points], color=colors[run.method], label=labels[run.name],
+                linestyle=_LINESTYLES[i % len(_LINESTYLES)], marker=_MARKERS[i % len(_MARKERS)], markersize=3)
+        drawn = True
+    if not drawn:
+        return False
+    ax.set(xlabel="epochs trained", ylabel="kNN accuracy (%)", title="kNN accuracy during training")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    _save(fig, path)
+    return True
+
+
+def plot_acc_vs_negatives(runs: list[Run], path: Path) -> bool:
+    colors, fig = _colors(runs), Figure(figsize=(6.5, 4.5))
+    ax, xs = fig.subplots(), []
+    for i, (method, group) in enumerate(sorted(_by(runs, lambda r: r.method).items())):
+        points = [(run.num("negatives_per_query"), run.num("knn_acc")) for run in group]
+        points = [(k, a) for k, a in points if k is not None and k > 0 and a is not None]
+        if points:
+            ax.scatter(*zip(*points), color=colors[method], marker=_MARKERS[i % len(_MARKERS)], s=45, label=method)
+            xs += [k for k, _ in points]
+    if not xs:
+        return False
+    _set_log2(ax)
+    ax.set(xlabel="negatives per query (log scale)", ylabel="final kNN accuracy (%)",
+           title="Accuracy against the number of negatives")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    _save(fig, path)
+    return True
+
+
+def plot_throughput_memory(runs: list[Run], labels: dict[str, str], path: Path) -> bool:
+    panels = [("images_per_sec", "Throughput", "training images / s"), ("peak_mem_mb", "Peak memory", "MB")]
+    if not any(run.num(key) is not None for run in runs for key, _, _ in panels):
+        return False
+    colors = _colors(runs)
+    fig = Figure(figsize=(11, 0.4 * len(runs) + 1.5))
+    for ax, (key, title, unit) in zip(fig.subplots(1, 2), panels):
+        shown = [run for run in runs if run.num(key) is not None]
+        bars = ax.barh([labels[run.name] for run in shown], [run.num(key) for run in shown],
+                       color=[colors[run.method] for run in shown])
+        ax.bar_label(bars, fmt="%.0f", fontsize=7, padding=2)
+        ax.invert_yaxis()  # first run on top, as in the table
+        ax.set(xlabel=unit, title=title)
+        ax.tick_params(axis="y", labelsize=8)
+        ax.margins(x=0.15)
+    fig.tight_layout()
+    _save(fig, path)
+    return True
+
+
+def _mean_by_value(group: list[Run], x_of: Callable[[Run], Any], key: str = "knn_acc") -> list[tuple[float, float]]:
+    """(x, mean of ``key`` over the runs at that x), sorted by x; runs lacking either skipped."""
+    by_x: dict[float, list[float]] = defaultdict(list)
+    for run in group:
+        x, y = _as_float(x_of(run)), run.num(key)
+        if x is not None and y is not None:
+            by_x[x].append(y)
+    return [(x, _mean(ys)) for x, ys in sorted(by_x.items())]
+
+
+def plot_lines(series: dict[str, list[tuple[float, float]]], colors: dict[str, Any], xlabel: str, title: str,
+               path: Path, log2: bool = False) -> None:
+    """One line per series of (x, accuracy) points; log2 x if asked or where the values span a wide range."""
+    fig = Figure(figsize=(6.5, 4.5))
+    ax = fig.subplots()
+    for i, (name, points) in enumerate(series.items()):
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker=_MARKERS[i % len(_MARKERS)],
+                color=colors.get(name.split(" ")[0]), linestyle=_LINESTYLES[i % len(_LINESTYLES)], label=name)
+    xs = [p[0] for points in series.values() for p in points]
+    if log2 and min(xs) > 0:
+        _set_log2(ax)
+    else:
+        _log2_axis(ax, xs)
+    ax.set(xlabel=xlabel, ylabel="final kNN accuracy (%)", title=title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def _mean_cell(group: list[Run], key: str) -> str:
+    values = [v for v in (run.num(key) for run in group) if v is not None]
+    return _fmt(_mean(values), 0 if key == "negatives_per_query" else 1) if values else "-"
+
+
+def _sweep_table(rows: list[tuple[str, list[Run], float]], value_header: str) -> str:
+    figures = ["knn_acc", "knn_acc_1shot", "linear_acc"]
+    header = ["method", value_header, "runs", "kNN", "1-shot kNN", "linear (online)"]
+    if value_header != "negatives/query":
+        figures.append("negatives_per_query")
+        header.append("negatives/query")
+    body = [[name, f"{x:g}", str(len(group)), *(_mean_cell(group, key) for key in figures)] for name, group, x in rows]
+    return _md_table(header, body)
+
+
+def _file_key(key: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", key)
+
+
+def sweeps_section(runs: list[Run], swept: dict[str, list[str]], out: Path) -> list[str]:
+    """Per numeric swept key: a plot and a table; plus the MoCo paper's Fig. 3 when the negatives vary."""
+    lines, colors = ["## Sweeps", ""], _colors(runs)
+    by_method = _by(runs, lambda r: r.method)
+    keys = sorted({key for keys in swept.values() for key in keys})
+    if not keys:
+        lines += ["No override differs between runs of the same method.", ""]
+    for key in keys:
+        methods = sorted(m for m, ks in swept.items() if key in ks)
+        values = [run.value(key) for m in methods for run in by_method[m]]
+        if any(isinstance(v, str) for v in values):
+            lines += [f"`{key}` varies ({', '.join(methods)}) but is not numeric: no plot.", ""]
+            continue
+        series = {m: _mean_by_value(by_method[m], lambda r, key=key: r.value(key)) for m in methods}
+        series = {m: points for m, points in series.items() if points}
+        lines += [f"### `{key}`", ""]
+        if series:
+            name = f"sweep_{_file_key(key)}.png"
+            plot_lines(series, colors, key, f"kNN accuracy against {key}", out / name)
+            lines += [f"![kNN accuracy against {key}]({name})", "",
+                      f"*Final kNN accuracy against `{key}`, one line per method (mean over runs at each value).*", ""]
+        rows = [(m, [run for run in by_method[m] if run.value(key) == x], x)
+                for m in methods for x in sorted({v for v in (r.value(key) for r in by_method[m]) if v is not None})]
+        lines += [_sweep_table(rows, key), ""]
+
+    varying = sum(len({run.num("negatives_per_query") for run in group} - {None}) > 1 for group in by_method.values())
+    if varying >= 2:
+        # Every method with a negatives figure is drawn, so a single-K method shows as a point beside the sweeps.
+        groups = _by((run for run in runs if run.num("negatives_per_query") is not None),
+                     lambda r: f"{r.method} ({r.metrics.get('negatives') or '?'})")
+        series = {name: _mean_by_value(group, lambda r: r.num("negatives_per_query"))
+                  for name, group in sorted(groups.items())}
+        series = {name: points for name, points in series.items() if points}
+        lines += ["### Negatives per query (MoCo paper, Fig. 3)", ""]
+        if series:
+            plot_lines(series, colors, "negatives per query (log2)", "Accuracy against negatives per query",
+                       out / "negatives_sweep.png", log2=True)
+            lines += ["![accuracy against negatives per query](negatives_sweep.png)", "",
+                      ("*Final kNN accuracy against the number of negatives per query, one line per method and "
+                       "negatives source (log2 x axis), as in Fig. 3 of the MoCo paper.*"), ""]
+        rows = [(name, [run for run in group if run.num("negatives_per_query") == x], x)
+                for name, group in sorted(groups.items())
+                for x in sorted({run.num("negatives_per_query") for run in group} - {None})]
+        lines += [_sweep_table(rows, "negatives/query"), ""]
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------------- claims
+
+
+@dataclass
+class Claim:
+    letter: str
+    statement: str
+    rule: str
+    verdict: str
+    evidence: str
+
+
+def _family(runs: list[Run], *families: str) -> list[Run]:
+    return [run for run in runs if run.family in families]
+
+
+def _best_per_setting(runs: list[Run], families: tuple[str, ...]) -> dict[tuple, float]:
+    best: dict[tuple, float] = {}
+    for run in _family(runs, *families):
+        acc = run.num("knn_acc")
+        if acc is not None:
+            best[run.setting] = max(acc, best.get(run.setting, acc))
+    return best
+
+
+def _setting_name(setting: tuple) -> str:
+    return "/".join(setting)
+
+
+def claim_batch_size(runs: list[Run]) -> Claim:
+    points = _mean_by_value(_family(runs, "end-to-end"), lambda r: r.num("global_batch_size"))
+    rule = "mean kNN at the largest batch > mean kNN at the smallest batch, over end-to-end runs"
+    statement = "End-to-end training (SimCLR, in-batch negatives) gets more accurate as the batch grows."
+    if len(points) < 2:
+        return Claim("a", statement, rule, UNMEASURED, "needs end-to-end runs at two or more batch sizes")
+    evidence = "kNN by batch: " + ", ".join(f"{x:g}: {y:.1f}" for x, y in points)
+    return Claim("a", statement, rule, HOLDS if points[-1][1] > points[0][1] else FAILS, evidence)
+
+
+def claim_staleness(runs: list[Run]) -> Claim:
+    statement = "The memory bank's stored keys are staler (less consistent with the current encoder) than MoCo's queue."
+    rule = "mean staleness cosine of memory-bank runs < that of MoCo runs (1 = fresh)"
+    bank = [v for v in (r.num("staleness") for r in _family(runs, "memory bank")) if v is not None]
+    queue = [v for v in (r.num("staleness") for r in _family(runs, "momentum queue")) if v is not None]
+    if not bank or not queue:
+        return Claim("b", statement, rule, UNMEASURED, "needs staleness from memory-bank and MoCo runs")
+    evidence = f"memory bank {_mean(bank):.3f} (n={len(bank)}), MoCo {_mean(queue):.3f} (n={len(queue)})"
+    return Claim("b", statement, rule, HOLDS if _mean(bank) < _mean(queue) else FAILS, evidence)
+
+
+def claim_decoupled(runs: list[Run]) -> Claim:
+    statement = "MoCo decouples the number of negatives from the batch: more negatives per query than end-to-end."
+    rule = "at every batch size with both, MoCo's largest negatives/query > end-to-end's largest"
+
+    def largest(families: str) -> dict[float, float]:
+        out: dict[float, float] = {}
+        for run in _family(runs, families):
+            batch, k = run.num("global_batch_size"), run.num("negatives_per_query")
+            if batch is not None and k is not None:
+                out[batch] = max(k, out.get(batch, k))
+        return out
+
+    queue, e2e = largest("momentum queue"), largest("end-to-end")
+    shared = sorted(set(queue) & set(e2e))
+    if not shared:
+        return Claim("c", statement, rule, UNMEASURED, "needs MoCo and end-to-end runs at the same batch size")
+    evidence = "; ".join(f"batch {b:g}: MoCo {queue[b]:g} vs end-to-end {e2e[b]:g}" for b in shared)
+    return Claim("c", statement, rule, HOLDS if all(queue[b] > e2e[b] for b in shared) else FAILS, evidence)
+
+
+def claim_more_negatives(runs: list[Run]) -> Claim:
+    statement = "More negatives help instance discrimination."
+    rule = "for every method whose runs differ in negatives/query: mean kNN at the largest K >= at the smallest K"
+    parts, ok = [], []
+    for method, group in sorted(_by(runs, lambda r: r.method).items()):
+        points = _mean_by_value(group, lambda r: r.num("negatives_per_query"))
+        if len(points) >= 2:
+            (k0, a0), (k1, a1) = points[0], points[-1]
+            parts.append(f"{method}: K={k0:g} {a0:.1f} -> K={k1:g} {a1:.1f}")
+            ok.append(a1 >= a0)
+    if not ok:
+        return Claim("d", statement, rule, UNMEASURED, "needs a method with runs at two or more negatives/query")
+    return Claim("d", statement, rule, HOLDS if all(ok) else FAILS, "; ".join(parts))
+
+
+def claim_moco_vs_bank(runs: list[Run]) -> Claim:
+    statement = "MoCo is at least as accurate as the memory bank at comparable settings (MoCo paper, Fig. 3)."
+    rule = "best MoCo kNN >= best memory-bank kNN, among runs with the same data, backbone and epochs"
+    moco, bank = _best_per_setting(runs, ("momentum queue",)), _best_per_setting(runs, ("memory bank",))
+    shared = sorted(set(moco) & set(bank))
+    if not shared:
+        return Claim("e", statement, rule, UNMEASURED, "needs MoCo and memory-bank runs with the same setting")
+    evidence = "; ".join(f"{_setting_name(s)}: MoCo {moco[s]:.1f} vs memory bank {bank[s]:.1f}" for s in shared)
+    return Claim("e", statement, rule, HOLDS if all(moco[s] >= bank[s] for s in shared) else FAILS, evidence)
+
+
+def claim_clustering(runs: list[Run]) -> Claim:
+    statement = ("Clustering (SwAV) reaches accuracy comparable to the instance-contrastive methods without any "
+                 "explicit negatives.")
+    rule = (f"best SwAV kNN >= best instance-contrastive kNN - {SWAV_MARGIN:g} points, among runs with the same "
+            "data, backbone and epochs")
+    swav, instance = _best_per_setting(runs, ("clustering",)), _best_per_setting(runs, _INSTANCE_FAMILIES)
+    shared = sorted(set(swav) & set(instance))
+    if not shared:
+        return Claim("f", statement, rule, UNMEASURED, "needs SwAV and instance-contrastive runs with the same setting")
+    evidence = "; ".join(f"{_setting_name(s)}: SwAV {swav[s]:.1f} vs best instance {instance[s]:.1f}" for s in shared)
+    verdict = HOLDS if all(swav[s] >= instance[s] - SWAV_MARGIN for s in shared) else FAILS
+    return Claim("f", statement, rule, verdict, evidence)
+
+
+def claim_learned(runs: list[Run]) -> Claim:
+    statement = "Every method learned something: its final 1-shot kNN beats the same figure at random initialisation."
+    rule = "every run with both figures: knn_acc_1shot > init_knn_acc_1shot"
+    pairs = [(run, run.num("knn_acc_1shot"), run.num("init_knn_acc_1shot")) for run in runs]
+    pairs = [(run, final, init) for run, final, init in pairs if final is not None and init is not None]
+    if not pairs:
+        return Claim("g", statement, rule, UNMEASURED, "needs runs with knn_acc_1shot and init_knn_acc_1shot")
+    evidence = "; ".join(f"{run.name}: {final:.1f} vs init {init:.1f}" for run, final, init in pairs)
+    return Claim("g", statement, rule, HOLDS if all(final > init for _, final, init in pairs) else FAILS, evidence)
+
+
+def survey_claims(runs: list[Run]) -> list[Claim]:
+    checks = [claim_batch_size, claim_staleness, claim_decoupled, claim_more_negatives, claim_moco_vs_bank,
+              claim_clustering, claim_learned]
+    return [check(runs) for check in checks]
+
+
+def claims_section(claims: list[Claim]) -> list[str]:
+    lines = ["## Survey claims", "",
+             ('Claims from "A survey on contrastive self-supervised learning" (Jaiswal et al.) and the MoCo paper, '
+              "checked against the runs above. Families: end-to-end = negatives from the batch (SimCLR), memory bank "
+              "(NPID), momentum queue (MoCo), clustering (SwAV). kNN accuracies in percent."), ""]
+    for claim in claims:
+        lines += [(f"**{claim.letter}) {claim.statement}** Verdict: **{claim.verdict}**. "
+                   f"Rule: {claim.rule}. Numbers: {claim.evidence}."), ""]
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------------- report
+
+
+def _report(root: Path, out: Path | None = None) -> tuple[Path, str]:
+    """Write the report; returns the markdown's path and the runs table."""
+    root = Path(root)
+    runs = load_runs(root) if root.is_dir() else []
+    if not runs:
+        raise NoRunsError(f"no run found below {root}: no readable metrics.json in it or its subfolders")
+    out = Path(out) if out is not None else root
+    out.mkdir(parents=True, exist_ok=True)
+    swept = swept_keys(runs)
+    runs.sort(key=lambda r: (r.method, tuple(_sort_value(r.value(k)) for k in swept[r.method]), r.name))
+    labels = run_labels(runs, swept)
+    table = runs_table(runs)
+
+    lines = [f"# Comparison of {len(runs)} runs in `{root}`", "", "## Runs", "", table, "", baselines_line(runs), "",
+             ("Accuracies in percent; staleness is the mean cosine between stored keys and the same images "
+              "re-encoded now (1 = fresh); false-negative rate is a fraction; '-' = not recorded by that run."),
+             "", "## Plots", ""]
+    plots = [
+        ("knn_per_epoch.png", lambda p: plot_knn_per_epoch(runs, labels, p),
+         "kNN accuracy on the validation set after each epoch, one line per run (method and swept values).",
+         "no run has a per-epoch kNN history"),
+        ("acc_vs_negatives.png", lambda p: plot_acc_vs_negatives(runs, p),
+         ("Final kNN accuracy against negatives per query (log x), one marker per method; runs without negatives "
+          "(SwAV) are left out."), "no run has both negatives_per_query and knn_acc"),
+        ("throughput_memory.png", lambda p: plot_throughput_memory(runs, labels, p),
+         "Training throughput (images/s, left) and peak memory (MB, right) per run.",
+         "no run has images_per_sec or peak_mem_mb"),
+    ]
+    for name, draw, caption, missing in plots:
+        if draw(out / name):
+            lines += [f"![{caption}]({name})", "", f"*{caption}*", ""]
+        else:
+            lines += [f"`{name}` not drawn: {missing}.", ""]
+    lines += sweeps_section(runs, swept, out)
+    lines += claims_section(survey_claims(runs))
+    path = out / "comparison.md"
+    path.write_text("\n".join(lines))
+    return path, table
+
+
+def make_report(root: Path, out: Path | None = None) -> Path:
+    """Write ``comparison.md`` and its PNG plots into ``out`` (default: ``root``); returns the markdown's path."""
+    return _report(root, out)[0]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m contrastive.report",
+                                     description="Compare the runs below DIR: markdown table, plots, survey claims.")
+    parser.add_argument("dir", type=Path, help="a Hydra multirun folder, or any folder of run folders")
+    parser.add_argument("--out", type=Path, default=None, help="where to write comparison.md and plots (default DIR)")
+    args = parser.parse_args(argv)
+    try:
+        path, table = _report(args.dir, args.out)
+    except NoRunsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(table)
+    print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""Shared test helpers: compose the real Hydra config with overrides, small and fast."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from contrastive.config import register_configs
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "contrastive" / "conf")
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+register_configs()
+
+# Small, quick defaults for a run in a test: synthetic data, tiny CNN, no progress bar, no final linear eval.
+FAST = [
+    "data=synthetic", "data.size=256", "data.batch_size=32", "backbone.width=8", "method.proj_hidden_dim=32",
+    "method.proj_out_dim=16", "trainer.max_epochs=2", "trainer.enable_progress_bar=false", "eval.linear_epochs=0",
+    "eval.fewshot_seeds=1", "logger=csv",
+]
+
+
+def make_cfg(overrides: list[str] | None = None, fast: bool = True, tmp_path: Path | None = None) -> DictConfig:
+    extra = list(FAST if fast else []) + list(overrides or [])
+    if tmp_path is not None:
+        extra.append(f"output_dir={tmp_path}")
+    with initialize_config_dir(CONF_DIR, version_base="1.3"):
+        return compose("config", overrides=extra)
+
+
+@pytest.fixture
+def cfg_factory(tmp_path):
+    def factory(*overrides: str, fast: bool = True) -> DictConfig:
+        return make_cfg(list(overrides), fast=fast, tmp_path=tmp_path)
+
+    return factory
