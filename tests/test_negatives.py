@@ -67,28 +67,31 @@ def test_bank_update_has_no_gradient_and_keeps_dtype():
     assert bank.features.dtype == torch.float32 and not bank.features.requires_grad
 
 
-def test_bank_sample_indices_in_range_and_cover_the_bank():
+def test_bank_sample_indices_in_range_never_self_and_cover_the_bank():
     bank = MemoryBank(7, 2)
     torch.manual_seed(0)
+    own = torch.arange(16) % 7
     counts = torch.zeros(7, dtype=torch.long)
     for _ in range(50):
-        idx = bank.sample_indices(16, 9, CPU)
+        idx = bank.sample_indices(own, 9)
         assert idx.shape == (16, 9) and idx.dtype == torch.long
         assert int(idx.min()) >= 0 and int(idx.max()) < 7
+        assert not (idx == own[:, None]).any()
         counts += torch.bincount(idx.flatten(), minlength=7)
-    # 7200 uniform draws over 7 slots: about 1029 each (std ~30).
+    # 7200 draws; each slot is excluded for the rows it owns, so about 1029 each (std ~30).
     expected = 50 * 16 * 9 / 7
     assert ((counts - expected).abs() < 0.15 * expected).all(), counts
 
 
 def test_bank_sample_indices_reproducible_from_seed():
     bank = MemoryBank(100, 2)
+    own = torch.tensor([0, 5, 99, 42])
     torch.manual_seed(3)
-    a = bank.sample_indices(4, 20, CPU)
+    a = bank.sample_indices(own, 20)
     torch.manual_seed(3)
-    b = bank.sample_indices(4, 20, CPU)
+    b = bank.sample_indices(own, 20)
     torch.manual_seed(4)
-    c = bank.sample_indices(4, 20, CPU)
+    c = bank.sample_indices(own, 20)
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 

@@ -8,11 +8,12 @@ repeatable, and nothing loops over samples or waits on the device.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601 luma, as torchvision's rgb_to_grayscale
@@ -49,11 +50,9 @@ def adjust_brightness(x: Tensor, factor: Tensor) -> Tensor:
 
 def adjust_contrast(x: Tensor, factor: Tensor) -> Tensor:
     """Blend each image with the mean of its luma."""
-    mean = x.mean((2, 3))
-    if x.shape[1] == 3:
-        # the mean of the luma image is the luma of the channel means
-        mean = mean @ mean.new_tensor(GRAY_WEIGHTS).unsqueeze(1)
-    return torch.lerp(_per_sample(mean), x, _per_sample(factor)).clamp_(0, 1)
+    # the mean of the luma image is the luma of the channel means
+    mean = rgb_to_gray(x.mean((2, 3), keepdim=True)) if x.shape[1] == 3 else x.mean((1, 2, 3), keepdim=True)
+    return torch.lerp(mean, x, _per_sample(factor)).clamp_(0, 1)
 
 
 def adjust_saturation(x: Tensor, factor: Tensor) -> Tensor:
@@ -64,17 +63,19 @@ def adjust_saturation(x: Tensor, factor: Tensor) -> Tensor:
 def adjust_hue(x: Tensor, shift: Tensor) -> Tensor:
     """Rotate the hue of each RGB image by ``shift`` turns (in [-0.5, 0.5]) through HSV; value and saturation
     stay, so each pixel keeps its min and max channel."""
-    maxc, argmax = x.max(1)
-    minc = x.amin(1)
+    maxc, minc = x.amax(1), x.amin(1)
     delta = maxc - minc
     r, g, b = x.unbind(1)
+    # which channel is largest (ties to the first, as torchvision); float masks, as they beat where() on the CPU
+    is_r = (r == maxc).to(x.dtype)
+    is_g = (g == maxc).to(x.dtype) * (1 - is_r)
+    is_b = 1 - is_r - is_g
     # hue in sixths of a turn: the sector of the largest channel (0, 2, 4) plus a signed step within it
-    step = torch.where(argmax == 0, g - b, torch.where(argmax == 1, b - r, r - g))
-    hue6 = step / torch.where(delta > 0, delta, torch.ones_like(delta)) + 2 * argmax
-    hue6 = torch.remainder(hue6 + 6 * shift.view(-1, 1, 1), 6.0).unsqueeze(1)
-    # the fully saturated colour of that hue, channel by channel: clamp(sign * |hue6 - centre| + offset, 0, 1)
-    centre, sign, offset = (x.new_tensor(v).view(1, 3, 1, 1) for v in ((3, 2, 4), (1, -1, -1), (-1, 2, 2)))
-    pure = torch.addcmul(offset, sign, (hue6 - centre).abs_()).clamp_(0, 1)
+    step = is_r * (g - b) + is_g * (b - r) + is_b * (r - g)
+    hue6 = step / delta.clamp_min(1e-12) + 2 * is_g + 4 * is_b + 6 * shift.view(-1, 1, 1)
+    hue6 = torch.remainder(hue6, 6.0)
+    # the fully saturated colour of that hue: piecewise linear in hue6, one ramp per channel
+    pure = torch.stack([(hue6 - 3).abs_() - 1, 2 - (hue6 - 2).abs_(), 2 - (hue6 - 4).abs_()], 1).clamp_(0, 1)
     return torch.addcmul(minc.unsqueeze(1), delta.unsqueeze(1), pure)
 
 
@@ -330,12 +331,12 @@ CONFIG_KEYS = {
     "grayscale": "grayscale", "blur.p": "blur_p", "blur.sigma": "blur_sigma", "solarize": "solarize",
     "noise": "noise", "cutout.p": "cutout_p", "cutout.size": "cutout_size",
 }
-CROP_KEYS = {"size": "size", "scale": "scale"}
+CROP_KEYS = ("size", "scale")
 DATA_ARGS = {"channels": "data.channels", "mean": "data.mean", "std": "data.std"}
 
 
 def _plain(cfg: Any) -> dict[str, Any]:
-    if isinstance(cfg, (DictConfig, ListConfig)):
+    if isinstance(cfg, DictConfig):
         return OmegaConf.to_container(cfg, resolve=True)
     return dict(cfg)
 
@@ -352,7 +353,7 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def _build_view(shared: dict[str, Any], view: str, flat: dict[str, Any], data: dict[str, Any]) -> BatchAugment:
     names = {arg: f"augment.{key}" for key, arg in CONFIG_KEYS.items()}
-    names.update({arg: f"augment.{view}.{key}" for key, arg in CROP_KEYS.items()})
+    names.update({key: f"augment.{view}.{key}" for key in CROP_KEYS})
     names.update(DATA_ARGS)
     kwargs = dict(shared)
     size_key = "image_size" if view == "large" else "small_size"

@@ -127,7 +127,7 @@ class InstanceDiscrimination(ContrastiveMethod):
         bank entry from before this step's update. The bank then takes ``normalize(m * old + (1 - m) * new)``."""
         m, n = self.cfg.method, len(index)
         global_index = dist.gather(index)
-        sample = self.bank.sample_indices(len(global_index), self.num_negatives, index.device)
+        sample = self.bank.sample_indices(global_index, self.num_negatives)
         neg_index = sample[dist.rank() * n : (dist.rank() + 1) * n]
         negatives = self.bank.features[neg_index].clone()  # [n, K, D]
         terms = []

@@ -25,10 +25,12 @@ class MemoryBank(nn.Module):
     def __len__(self) -> int:
         return self.features.shape[0]
 
-    def sample_indices(self, global_batch: int, k: int, device: torch.device) -> Tensor:
-        """Uniform indices ``[global_batch, K]`` for the whole gathered batch; each process takes its rows, so
-        one process and N processes draw the same negatives from the same seed."""
-        return torch.randint(len(self), (global_batch, k), device=device)
+    def sample_indices(self, index: Tensor, k: int) -> Tensor:
+        """K uniform indices per sample of the whole gathered batch (``index``), never the sample's own entry
+        (on a small data set K is close to the bank size, and its own entry would be a false negative). Drawn for
+        the global batch so that each process takes its rows and N processes draw what one process would."""
+        draw = torch.randint(len(self) - 1, (len(index), k), device=index.device)
+        return draw + (draw >= index[:, None]).long()
 
     @torch.no_grad()
     def update(self, index: Tensor, features: Tensor, step: int) -> None:
