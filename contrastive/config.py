@@ -6,9 +6,13 @@ before any training starts, and names the offending key.
 
 from __future__ import annotations
 
+import os
+import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, List, Optional
 
+import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
@@ -225,9 +229,17 @@ class ConfigError(ValueError):
     """A config value that cannot work; the message names the key and what is allowed."""
 
 
+class ConfigWarning(UserWarning):
+    """A config value that runs but is unlikely to be what was meant."""
+
+
 INSTANCE_METHODS = ("simclr", "memory_bank", "moco")
 KEY_ENCODERS = ("shared", "momentum")
 NEGATIVE_SOURCES = ("batch", "bank", "queue")
+LOGGERS = ("csv", "wandb", "none")
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
+PRECISIONS = ("32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true", "transformer-engine",
+              "transformer-engine-float16", "32", "16", "bf16", "64")
 
 
 def _require(condition: bool, message: str) -> None:
@@ -236,21 +248,36 @@ def _require(condition: bool, message: str) -> None:
 
 
 def validate(cfg: Any, world_size: int = 1) -> None:
-    """Checks that need no data: names, signs, and the shape constraints between keys."""
+    """Checks that need no data: names, signs, the shape constraints between keys, the devices asked for, and the
+    checkpoint to resume from."""
+    from contrastive.data.datasets import LOADERS
     from contrastive.methods import METHODS
     from contrastive.models import BACKBONES
-    from contrastive.optim import OPTIMIZERS
+    from contrastive.optim import OPTIMIZERS, SCHEDULES
 
     m = cfg.method
     _require(m.name in METHODS, f"method.name={m.name!r} is not known; choose one of {', '.join(sorted(METHODS))}")
     _require(cfg.backbone.name in BACKBONES, f"backbone.name={cfg.backbone.name!r} is not known; choose one of {', '.join(BACKBONES)}")
+    _require(cfg.data.name in LOADERS, f"data.name={cfg.data.name!r} is not known; choose one of {', '.join(LOADERS)}")
     _require(cfg.optim.name in OPTIMIZERS, f"optim.name={cfg.optim.name!r} is not known; choose one of {', '.join(OPTIMIZERS)}")
+    _require(cfg.optim.scheduler in SCHEDULES,
+             f"optim.scheduler={cfg.optim.scheduler!r} is not known; choose one of {', '.join(SCHEDULES)}")
+    _require(cfg.logger.name in LOGGERS, f"logger.name={cfg.logger.name!r} is not known; choose one of {', '.join(LOGGERS)}")
+    _require(str(cfg.trainer.precision) in PRECISIONS,
+             f"trainer.precision={cfg.trainer.precision!r} is not known; choose one of {', '.join(PRECISIONS[:6])}")
+    _require(cfg.resume in (None, "auto"), f"resume={cfg.resume!r}: choose auto or null (use ckpt_path=<file> for a given checkpoint)")
     for key, value in (("method.temperature", m.temperature), ("optim.lr", cfg.optim.lr)):
         _require(value > 0, f"{key}={value} must be > 0")
     _require(cfg.data.batch_size > 0, f"data.batch_size={cfg.data.batch_size} must be > 0")
+    in_batch = m.name in INSTANCE_METHODS and m.negatives == "batch"
+    _require(cfg.data.batch_size >= 2,
+             f"data.batch_size={cfg.data.batch_size} must be >= 2: batch norm needs two samples per process"
+             + (", and in-batch negatives (method.negatives=batch) need other samples in the batch" if in_batch else ""))
     _require(cfg.trainer.max_epochs > 0 or cfg.trainer.max_steps > 0,
              f"trainer.max_epochs={cfg.trainer.max_epochs} must be > 0 (or set trainer.max_steps > 0)")
     _require(m.num_views >= 1, f"method.num_views={m.num_views} must be >= 1")
+    _check_crops(cfg)
+    _check_devices(cfg.trainer)
     global_batch = cfg.data.batch_size * world_size
     if m.name in INSTANCE_METHODS:
         _require(m.key_encoder in KEY_ENCODERS, f"method.key_encoder={m.key_encoder!r}; choose one of {', '.join(KEY_ENCODERS)}")
@@ -263,14 +290,14 @@ def validate(cfg: Any, world_size: int = 1) -> None:
         _require(m.num_views <= 2, f"method.num_views={m.num_views} must be 1 or 2 for {m.name}")
         _require(0 <= m.momentum <= 1, f"method.momentum={m.momentum} must be in [0, 1]")
         _require(0 <= m.bank_momentum < 1, f"method.bank_momentum={m.bank_momentum} must be in [0, 1)")
-        if m.negatives == "batch":
-            _require(global_batch >= 2, f"data.batch_size={cfg.data.batch_size}: in-batch negatives need a global batch of at least 2")
         if m.negatives == "queue":
             _require(m.queue_size > 0 and m.queue_size % global_batch == 0,
                      f"method.queue_size={m.queue_size} must be a positive multiple of the global batch "
                      f"({cfg.data.batch_size} x {world_size} processes = {global_batch}), or the queue is silently truncated")
         if m.num_negatives is not None:
             _require(m.num_negatives > 0, f"method.num_negatives={m.num_negatives} must be > 0")
+    if cfg.ckpt_path:
+        _check_checkpoint(str(cfg.ckpt_path), m.name)
 
 
 def validate_with_data(cfg: Any, num_train: int, world_size: int = 1) -> None:
@@ -283,3 +310,77 @@ def validate_with_data(cfg: Any, num_train: int, world_size: int = 1) -> None:
     if m.name in INSTANCE_METHODS and m.negatives == "bank" and m.num_negatives is not None:
         _require(m.num_negatives < num_train,
                  f"method.num_negatives={m.num_negatives} must be smaller than the bank ({num_train} training images)")
+    if m.name == "swav" and m.num_prototypes > num_train // 2:
+        warnings.warn(
+            f"method.num_prototypes={m.num_prototypes} for {num_train} training images: with more than one "
+            f"prototype per two images the equipartitioned codes cannot group images; use at most {num_train // 2} "
+            "(about 10x the number of classes works on small data)", ConfigWarning, stacklevel=2)
+
+
+def _check_crops(cfg: Any) -> None:
+    """Crops are resized to their size: larger than the image would only upsample, and multi-crop's small views are
+    the local ones."""
+    large, image = cfg.augment.large.size, cfg.data.image_size
+    _require(large <= image, f"augment.large.size={large} is larger than data.image_size={image}; "
+             f"choose augment.large.size <= {image}")
+    if cfg.method.num_small_views > 0:
+        small = cfg.augment.small.size
+        _require(small < large, f"augment.small.size={small} must be smaller than augment.large.size={large} "
+                 f"(method.num_small_views={cfg.method.num_small_views} small crops are the local views)")
+
+
+def requested_devices(devices: Any) -> int | list[int] | None:
+    """``trainer.devices`` as a count, a list of device indices, or ``None`` for all of them (``auto``, -1)."""
+    if isinstance(devices, str):
+        text = devices.strip()
+        if text in ("auto", "-1"):
+            return None
+        if "," in text:
+            return [int(part) for part in text.split(",") if part.strip()]
+        devices = int(text)
+    if isinstance(devices, int):
+        return None if devices == -1 else devices
+    return [int(d) for d in devices]
+
+
+def _check_devices(trainer: Any) -> None:
+    """The accelerator exists on this machine and has as many devices as asked for (Lightning would fail later,
+    with a traceback)."""
+    accelerator = str(trainer.accelerator)
+    _require(accelerator in ACCELERATORS,
+             f"trainer.accelerator={accelerator!r} is not known; choose one of {', '.join(ACCELERATORS)}")
+    try:
+        requested = requested_devices(trainer.devices)
+    except (TypeError, ValueError):
+        raise ConfigError(f"trainer.devices={trainer.devices!r}: give a count, a list of indices, -1 or auto") from None
+    if accelerator in ("gpu", "cuda"):
+        _require(torch.cuda.is_available(), f"trainer.accelerator={accelerator} but no CUDA GPU is available here; "
+                 "use trainer.accelerator=cpu (or auto)")
+    if accelerator not in ("auto", "cpu", "gpu", "cuda") or requested is None:
+        return
+    gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    available, kind = (torch.cuda.device_count(), "GPUs") if gpu else (os.cpu_count() or 1, "CPU cores")
+    if isinstance(requested, int):
+        _require(requested >= 1, f"trainer.devices={trainer.devices} must be >= 1, -1 (all) or auto")
+        _require(requested <= available, f"trainer.devices={trainer.devices} but this machine has {available} {kind} "
+                 f"(trainer.accelerator={accelerator}); choose trainer.devices <= {available}")
+    else:
+        _require(bool(requested) and all(0 <= d < available for d in requested),
+                 f"trainer.devices={trainer.devices}: device indices must be in 0..{available - 1} "
+                 f"(this machine has {available} {kind})")
+
+
+def _check_checkpoint(path: str, method: str) -> None:
+    """The checkpoint exists, can be read and was trained with the same method."""
+    from contrastive.callbacks import checkpoint_method, read_checkpoint
+
+    file = Path(path).expanduser()
+    where = f"ckpt_path={path!r}" + ("" if file.is_absolute() else f" ({file.resolve()})")
+    _require(file.is_file(), f"{where} does not exist; give the path of a .ckpt file (e.g. <run>/checkpoints/last.ckpt)"
+             " or resume=auto")
+    try:
+        found = checkpoint_method(read_checkpoint(file))
+    except ValueError as err:
+        raise ConfigError(f"{where}: {err}") from None
+    _require(found == method, f"{where} was trained with method.name={found!r}, not {method!r}: resume it with "
+             f"method={found}, or drop ckpt_path to start {method} afresh")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from torch import Tensor, nn
 
 from contrastive.metrics import (
@@ -71,16 +72,24 @@ def evaluate_checkpoint(ckpt: str | Path, overrides: dict | None = None) -> dict
     from contrastive.data.datamodule import ContrastiveDataModule
     from contrastive.methods import method_class
 
-    path = Path(ckpt)
+    path = Path(str(ckpt))
     if not path.is_file():
         raise FileNotFoundError(f"ckpt={str(path)!r} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    hparams = state.get("hyper_parameters", {})
-    if "cfg" not in hparams:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # pickle, zip and torch each raise their own error for a file that is no checkpoint
+        raise ValueError(f"ckpt={str(path)!r} is not a contrastive checkpoint (torch.load failed: {err})") from err
+    hparams = state.get("hyper_parameters") if isinstance(state, dict) else None
+    if not isinstance(hparams, dict) or "cfg" not in hparams or "state_dict" not in state:
         raise ValueError(f"ckpt={str(path)!r} is not a contrastive checkpoint (no config inside)")
     cfg = OmegaConf.create(hparams["cfg"])
     if overrides:
-        cfg = OmegaConf.merge(cfg, OmegaConf.create(overrides))
+        OmegaConf.set_struct(cfg, True)  # a mistyped key fails instead of being silently ignored
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.create(overrides))
+        except OmegaConfBaseException as err:
+            raise ValueError(f"override not applicable to the checkpoint's config: {err}") from err
+        OmegaConf.set_struct(cfg, False)
     model = method_class(cfg.method.name)(cfg, hparams["num_train"])
     model.load_state_dict(state["state_dict"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -19,7 +19,7 @@ from contrastive import losses
 from contrastive.config import ConfigError
 from contrastive.data.datamodule import ContrastiveDataModule
 from contrastive.methods import build_method
-from contrastive.methods.swav import FeatureQueue, SwAV, normalised_entropy
+from contrastive.methods.swav import SwAV, normalised_entropy
 
 SWAV = ["method=swav", "data.batch_size=64", "method.num_prototypes=10"]
 
@@ -123,8 +123,8 @@ def build(cfg_factory, *overrides: str) -> tuple[SwAV, ContrastiveDataModule]:
 
 
 def fit(model: SwAV, dm, callbacks=(), **trainer_args) -> L.Trainer:
-    args = dict(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, accelerator="cpu")
+    args = {"max_epochs": 2, "logger": False, "enable_checkpointing": False, "enable_progress_bar": False,
+            "enable_model_summary": False, "limit_val_batches": 0, "num_sanity_val_steps": 0, "accelerator": "cpu"}
     trainer = L.Trainer(**{**args, **trainer_args}, callbacks=list(callbacks))
     trainer.fit(model, datamodule=dm)
     return trainer
@@ -147,7 +147,7 @@ def views_for(model: SwAV, dm, n: int = 8) -> tuple[list[torch.Tensor], torch.Te
 
 
 def test_loss_is_swapped_prediction_of_normalised_embeddings(cfg_factory):
-    model, dm = build(cfg_factory, "method.num_small_views=2")
+    model, dm = build(cfg_factory, "method.num_small_views=2", "method.sinkhorn_epsilon=0.05")
     model.eval()  # BN on running statistics, so crops give the same output alone or concatenated
     views, index, labels = views_for(model, dm)
     assert len(views) == 4 and views[2].shape[-1] < views[0].shape[-1]
@@ -206,7 +206,7 @@ def test_queue_size_must_be_a_multiple_of_the_batch(cfg_factory):
 
 
 def test_queue_is_checkpointed_and_restored(cfg_factory):
-    model, dm = build(cfg_factory, "method.queue_size=128")
+    model, _ = build(cfg_factory, "method.queue_size=128")
     model.queue.enqueue(torch.randn(2, 64, 16))
     model.queue.enqueue(torch.randn(2, 64, 16))
     model.queue.enqueue(torch.randn(2, 64, 16))  # wraps: overwrites the oldest 64 of each row
@@ -224,7 +224,7 @@ def test_queue_is_checkpointed_and_restored(cfg_factory):
 
 
 def test_queue_joins_the_sinkhorn_batch_once_full_and_started(cfg_factory):
-    model, dm = build(cfg_factory, "method.queue_size=64", "method.queue_start_epoch=0")
+    model, _ = build(cfg_factory, "method.queue_size=64", "method.queue_start_epoch=0", "method.sinkhorn_epsilon=0.05")
     gen = torch.Generator().manual_seed(5)
     scores = [cosines(8, 10, seed=s) for s in (6, 7)]
     plain = [losses.sinkhorn(s, 0.05, 3) for s in scores]
@@ -253,6 +253,22 @@ def test_training_step_fills_the_queue_with_large_crop_embeddings(cfg_factory):
             z = F.normalize(model.projector(model.backbone(views[i])), dim=1)
             torch.testing.assert_close(model.queue.features[i, :8], z, atol=1e-5, rtol=1e-5)
     assert int(model.queue.filled) == 8 and not model.queue.full
+
+
+def test_bf16_autocast_keeps_codes_in_float32(cfg_factory):
+    model, dm = build(cfg_factory, "data.batch_size=8", "method.queue_size=8", "method.num_small_views=1")
+    views, index, labels = views_for(model, dm)
+    model.eval()
+    with torch.no_grad():
+        model.contrastive_loss(views, index, labels)  # fills the queue: the next step uses it
+        reference = model.contrastive_loss(views, index, labels).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            scores = [model.prototypes(F.normalize(model.projector(model.backbone(v)), dim=1)) for v in views[:2]]
+            codes = model.codes(scores)
+            loss = model.contrastive_loss(views, index, labels).loss
+    assert scores[0].dtype == torch.bfloat16 and all(c.dtype == torch.float32 for c in codes)
+    assert model.queue_active() and torch.isfinite(loss)
+    torch.testing.assert_close(loss.float(), reference, atol=0.05, rtol=0.02)
 
 
 def test_prototype_entropy_and_dictionary_stats(cfg_factory):

@@ -96,7 +96,10 @@ class ContrastiveMethod(L.LightningModule):
         out = self.contrastive_loss(views, index, labels)
         probe_logits = self.probe(out.features.detach())
         probe_loss = F.cross_entropy(probe_logits, labels)
-        self.log("train/loss", out.loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=False)
+        # Lightning turns every progress-bar value logged on_step into a Python float after each batch, a
+        # device sync per step: the bar shows the epoch mean instead (read once per epoch)
+        self.log("train/loss", out.loss, on_step=True, on_epoch=True, sync_dist=False)
+        self.log("loss", out.loss, on_step=False, on_epoch=True, prog_bar=True, logger=False)
         self.log("train/probe_loss", probe_loss, on_step=False, on_epoch=True)
         for name, value in out.logs.items():
             self.log(f"train/{name}", value, on_step=False, on_epoch=True)
