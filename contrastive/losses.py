@@ -27,8 +27,18 @@ def contrastive_cross_entropy(pos_logits: Tensor, neg_logits: Tensor, temperatur
     pos_logits ``[N]`` and neg_logits ``[N, K]`` are cosine similarities; ``F.cross_entropy`` works on logits
     through log-sum-exp, so no raw ``exp`` can overflow at small temperatures.
     """
-    logits = _at_least_float32(torch.cat([pos_logits.unsqueeze(1), neg_logits], dim=1)) / temperature
-    target = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+    logits = torch.cat([pos_logits.unsqueeze(1), neg_logits], dim=1)
+    return in_batch_cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device), temperature)
+
+
+def in_batch_cross_entropy(sim: Tensor, target: Tensor, temperature: float, exclude: Tensor | None = None) -> Tensor:
+    """The same cross-entropy when the positive sits inside a similarity matrix ``[n, M]`` at column ``target``;
+    columns ``exclude`` (a view compared with itself) are masked to -inf rather than cut out, so the shapes
+    stay static and no boolean indexing syncs the device."""
+    logits = _at_least_float32(sim) / temperature
+    if exclude is not None:
+        rows = torch.arange(len(logits), device=logits.device)
+        logits = logits.index_put((rows, exclude), torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device))
     return F.cross_entropy(logits, target)
 
 
@@ -48,12 +58,11 @@ def info_nce(
     """
     query = F.normalize(query, dim=-1)
     positive = F.normalize(positive, dim=-1)
-    pos = (query * positive).sum(-1)
     if negatives is None:
-        sim = query @ positive.T
-        off_diagonal = ~torch.eye(len(query), dtype=torch.bool, device=query.device)
-        neg = sim[off_diagonal].view(len(query), len(query) - 1)
-    elif negatives.dim() == 2:
+        target = torch.arange(len(query), device=query.device)
+        return in_batch_cross_entropy(query @ positive.T, target, temperature)
+    pos = (query * positive).sum(-1)
+    if negatives.dim() == 2:
         neg = query @ F.normalize(negatives, dim=-1).T
     elif negatives.dim() == 3:
         neg = torch.einsum("nd,nkd->nk", query, F.normalize(negatives, dim=-1))
@@ -88,27 +97,15 @@ def gathered_nt_xent(
     local = torch.arange(n, device=z1.device) + offset
     self_idx = torch.cat([local, local + total])
     pos_idx = torch.cat([local + total, local])
-    sim = queries @ keys.T  # [2n, 2N]
-    pos = sim.gather(1, pos_idx[:, None]).squeeze(1)
-    rows = torch.arange(2 * n, device=z1.device)
-    keep = torch.ones_like(sim, dtype=torch.bool)
-    keep[rows, self_idx] = False
-    keep[rows, pos_idx] = False
-    neg = sim[keep].view(2 * n, 2 * total - 2)
-    return contrastive_cross_entropy(pos, neg, temperature)
+    return in_batch_cross_entropy(queries @ keys.T, pos_idx, temperature, exclude=self_idx)
 
 
 def gathered_info_nce(query: Tensor, all_keys: Tensor, offset: int, temperature: float) -> Tensor:
     """InfoNCE of local queries ``[n, D]`` against the keys of the whole gathered batch ``[N, D]``: the positive
     of query i is key ``offset + i``, the other N-1 keys are its negatives."""
     query, all_keys = F.normalize(query, dim=-1), F.normalize(all_keys, dim=-1)
-    n, total = len(query), len(all_keys)
-    sim = query @ all_keys.T
-    pos_idx = torch.arange(n, device=query.device) + offset
-    pos = sim.gather(1, pos_idx[:, None]).squeeze(1)
-    keep = torch.ones_like(sim, dtype=torch.bool)
-    keep[torch.arange(n, device=query.device), pos_idx] = False
-    return contrastive_cross_entropy(pos, sim[keep].view(n, total - 1), temperature)
+    target = torch.arange(len(query), device=query.device) + offset
+    return in_batch_cross_entropy(query @ all_keys.T, target, temperature)
 
 
 def nce_loss(

@@ -242,6 +242,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         pixels = [extract_features(None, model.eval_transform, loader, device) for loader in (train_loader, val_loader)]
         summary.update(evaluate_features(*pixels, datamodule.num_classes, cfg.eval, prefix="pixels_", full=False))
 
+    # the baselines above draw from the global RNG (loaders); re-seed so training is the same with or without them
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     if ckpt_path:

@@ -14,7 +14,7 @@ from contrastive.config import register_configs
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "contrastive" / "conf")
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+torch.set_num_threads(1)
 register_configs()
 
 # Small, quick defaults for a run in a test: synthetic data, tiny CNN, no progress bar, no final linear eval.

@@ -121,6 +121,12 @@ def test_under_slurm_lightning_does_not_requeue(monkeypatch):
     for name, value in SLURM_TASK.items():
         monkeypatch.setenv(name, value)
     cfg = ddp_cfg("ddp", nodes=2)
+    # the Trainer sets the process-global rank from SLURM's variables; restore it so later tests log as rank 0
+    from lightning.fabric.utilities.rank_zero import rank_zero_only as fabric_rank_zero_only
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    monkeypatch.setattr(rank_zero_only, "rank", rank_zero_only.rank)
+    monkeypatch.setattr(fabric_rank_zero_only, "rank", fabric_rank_zero_only.rank)
     trainer = L.Trainer(accelerator="cpu", devices=2, num_nodes=2, strategy=build_strategy(cfg), plugins=build_plugins(),
                         logger=False, enable_checkpointing=False, enable_progress_bar=False)
     env = trainer.strategy.cluster_environment

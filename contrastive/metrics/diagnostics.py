@@ -47,8 +47,9 @@ def false_negative_rate(query_labels: Tensor, negative_labels: Tensor) -> Tensor
     known = negative_labels >= 0
     same = (negative_labels == query_labels.unsqueeze(1)) & known
     counted = known.sum(dim=1)
-    keep = (counted > 0) & (query_labels >= 0)
-    return (same.sum(dim=1)[keep].float() / counted[keep]).mean()
+    keep = ((counted > 0) & (query_labels >= 0)).float()
+    rate = same.sum(dim=1).float() / counted.clamp_min(1)
+    return (rate * keep).sum() / keep.sum()  # weights, not a boolean index: no device sync in a training step
 
 
 def in_batch_false_negative_rate(labels: Tensor) -> Tensor:
