@@ -684,7 +684,7 @@ def worker_main(spec: dict[str, Any], conn=None) -> None:
         if spec["settings"]["device"] == "cuda":
             result["gpu"] = torch.cuda.get_device_name()
         channel.send({"event": "done", **result})
-    except Exception:  # noqa: BLE001 (any failure goes back to the coordinator, with its traceback)
+    except Exception:
         with contextlib.suppress(OSError):  # unless the coordinator is gone already
             channel.send({"event": "error", "message": traceback.format_exc()})
 
@@ -849,7 +849,7 @@ def paired_ratio(result: dict[str, Any], key: str = "step_s") -> float:
 
 
 def summarise(s: Settings, results: dict[str, Any]) -> dict[str, Any]:
-    for name, r in results.items():
+    for r in results.values():
         step = _median([x["step_s"] for x in r["rounds"]])
         data = _median([x["data_s"] for x in r["rounds"]])
         cpu = _median([x["cpu_s"] for x in r["rounds"]])

@@ -42,7 +42,7 @@ from contrastive.callbacks import (
 from contrastive.config import ConfigError, register_configs, requested_devices, validate, validate_with_data
 from contrastive.data.datamodule import ContrastiveDataModule
 from contrastive.data.datasets import DataError
-from contrastive.evaluate import evaluate_encoder, extract_features, evaluate_features
+from contrastive.evaluate import evaluate_encoder, evaluate_features, extract_features
 from contrastive.methods import build_method
 
 log = logging.getLogger("contrastive")
@@ -86,7 +86,7 @@ def build_strategy(cfg: DictConfig):
     (:class:`SpawnDDPStrategy`).
     """
     name = cfg.trainer.strategy
-    entry = StrategyRegistry[name] if name in StrategyRegistry else None  # its get() would build one
+    entry = StrategyRegistry[name] if name in StrategyRegistry else None  # its get() would build one  # noqa: SIM401
     if entry is None or not issubclass(entry["strategy"], DDPStrategy):
         return name
     params = {"start_method": "popen", **entry["init_params"], "broadcast_buffers": False}

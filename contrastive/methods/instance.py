@@ -17,7 +17,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from contrastive import distributed as dist
 from contrastive import losses
@@ -68,7 +68,7 @@ class InstanceDiscrimination(ContrastiveMethod):
         """Keys from the momentum encoder, with BN statistics that cannot leak the positive: across processes
         the batch is shuffled before encoding (shuffle-BN); on one process it is shuffled and encoded in
         ``bn_splits`` sub-batches, so no key shares its BN statistics with its own query's batch."""
-        net = lambda v: self.key_projector(self.key_backbone(v))  # noqa: E731
+        net = lambda v: self.key_projector(self.key_backbone(v))
         if not self.cfg.method.shuffle_bn:
             return net(x)
         if dist.world_size() > 1:
@@ -113,7 +113,7 @@ class InstanceDiscrimination(ContrastiveMethod):
     def batch_loss(self, queries, keys, labels, logs) -> Tensor:
         """SimCLR's NT-Xent with a shared encoder; with a momentum encoder, each query against the keys of the
         gathered batch (MoCo v3's choice). Embeddings are gathered with gradient."""
-        n, offset = len(labels), dist.rank() * len(labels)
+        offset = dist.rank() * len(labels)
         all_labels = dist.gather(labels)
         if self.key_encoder_kind == "shared":
             z1, z2 = queries[0], queries[1]
