@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -38,3 +39,38 @@ def cfg_factory(tmp_path):
         return make_cfg(list(overrides), fast=fast, tmp_path=tmp_path)
 
     return factory
+
+
+def build(cfg: DictConfig):
+    """The data module (set up) and the method a config describes, without a Trainer."""
+    from contrastive.data.datamodule import ContrastiveDataModule
+    from contrastive.methods import build_method
+
+    dm = ContrastiveDataModule(cfg.data)
+    dm.setup("fit")
+    return build_method(cfg, dm.num_train), dm
+
+
+def spy(monkeypatch, obj: Any, name: str) -> list[Any]:
+    """Replace ``obj.name`` by a wrapper that records what each call returns."""
+    returned: list[Any] = []
+    original = getattr(obj, name)
+
+    def wrapper(*args, **kwargs):
+        out = original(*args, **kwargs)
+        returned.append(out)
+        return out
+
+    monkeypatch.setattr(obj, name, wrapper)
+    return returned
+
+
+def fit(model, dm, callbacks=(), **trainer_args):
+    """A bare Lightning fit on the CPU: no logger, checkpoint or progress bar unless asked."""
+    import lightning as L
+
+    args = {"max_epochs": 1, "accelerator": "cpu", "devices": 1, "logger": False, "enable_checkpointing": False,
+            "enable_progress_bar": False, "enable_model_summary": False, "num_sanity_val_steps": 0}
+    trainer = L.Trainer(callbacks=list(callbacks), **{**args, **trainer_args})
+    trainer.fit(model, datamodule=dm)
+    return trainer

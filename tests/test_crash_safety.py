@@ -30,15 +30,6 @@ TINY = ["data.size=80", "data.batch_size=16", "backbone.width=4", "method.probe_
 STEPS_PER_EPOCH = 4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # the models are tiny: a second thread only adds synchronisation on a shared CPU
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def cli(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
     cmd = [sys.executable, "-m", "contrastive.train", *overrides, "trainer.enable_progress_bar=false",

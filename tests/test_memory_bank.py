@@ -9,16 +9,14 @@ import math
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_cfg
+from conftest import build, fit, make_cfg, spy
 from lightning.pytorch.callbacks import Callback
 
 from contrastive.config import ConfigError, validate_with_data
 from contrastive.data.datamodule import ContrastiveDataModule
-from contrastive.methods import build_method
 from contrastive.methods.memory_bank import MemoryBankMethod
 from contrastive.negatives import MemoryBank
 from contrastive.train import train
@@ -27,34 +25,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\
 
 BANK = ["method=memory_bank"]
 SMALL = ["data.size=96"]  # 76 training images: 2 steps of 32 per epoch
-
-
-def build(cfg) -> tuple[MemoryBankMethod, ContrastiveDataModule]:
-    dm = ContrastiveDataModule(cfg.data)
-    dm.setup("fit")
-    return build_method(cfg, dm.num_train), dm
-
-
-def spy(monkeypatch, obj: Any, name: str) -> list[Any]:
-    """Replace ``obj.name`` by a wrapper that records what each call returns."""
-    returned: list[Any] = []
-    original = getattr(obj, name)
-
-    def wrapper(*args, **kwargs):
-        out = original(*args, **kwargs)
-        returned.append(out)
-        return out
-
-    monkeypatch.setattr(obj, name, wrapper)
-    return returned
-
-
-def fit(model, dm, callbacks=(), **trainer_args) -> L.Trainer:
-    args = {"max_epochs": 1, "accelerator": "cpu", "devices": 1, "logger": False, "enable_checkpointing": False,
-            "enable_progress_bar": False, "enable_model_summary": False, "num_sanity_val_steps": 0}
-    trainer = L.Trainer(callbacks=list(callbacks), **{**args, **trainer_args})
-    trainer.fit(model, datamodule=dm)
-    return trainer
 
 
 def direct_info_nce(q: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor, t: float) -> torch.Tensor:

@@ -11,16 +11,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_cfg
+from conftest import build, fit, make_cfg, spy
 from lightning.pytorch.callbacks import Callback
 
 from contrastive import losses
 from contrastive.config import ConfigError, validate
-from contrastive.data.datamodule import ContrastiveDataModule
 from contrastive.methods import build_method
 from contrastive.methods.base import cosine_ramp
 from contrastive.methods.moco import MoCo
@@ -31,34 +29,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\
 
 MOCO = ["method=moco"]
 SMALL = ["data.size=96"]  # 76 training images: 2 steps of 32 (4 of 16) per epoch
-
-
-def build(cfg) -> tuple[MoCo, ContrastiveDataModule]:
-    dm = ContrastiveDataModule(cfg.data)
-    dm.setup("fit")
-    return build_method(cfg, dm.num_train), dm
-
-
-def spy(monkeypatch, obj: Any, name: str) -> list[Any]:
-    """Replace ``obj.name`` by a wrapper that records what each call returns."""
-    returned: list[Any] = []
-    original = getattr(obj, name)
-
-    def wrapper(*args, **kwargs):
-        out = original(*args, **kwargs)
-        returned.append(out)
-        return out
-
-    monkeypatch.setattr(obj, name, wrapper)
-    return returned
-
-
-def fit(model, dm, callbacks=(), **trainer_args) -> L.Trainer:
-    args = {"max_epochs": 1, "accelerator": "cpu", "devices": 1, "logger": False, "enable_checkpointing": False,
-            "enable_progress_bar": False, "enable_model_summary": False, "num_sanity_val_steps": 0}
-    trainer = L.Trainer(callbacks=list(callbacks), **{**args, **trainer_args})
-    trainer.fit(model, datamodule=dm)
-    return trainer
 
 
 def key_pairs(model: MoCo) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
