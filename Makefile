@@ -20,7 +20,7 @@ train: install
 test: install
 	$(PYTHON) -m pytest -q
 
-# Also the slow tests (2-process equivalence of every method, exact resume of every method, notebook).
+# Also the slow tests (the benchmark side by side with lightly, which needs its own venv: see BENCHMARKS.md).
 test-all: install
 	$(PYTHON) -m pytest -q -m "slow or not slow"
 

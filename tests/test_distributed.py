@@ -241,7 +241,6 @@ FAST_CLI = ["data=synthetic", "data.size=128", "data.batch_size=16", "backbone.w
             "eval.fewshot_seeds=1", "eval.init=false", "eval.pixels=false", "logger=csv"]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("method", ["simclr", "memory_bank", "moco", "swav"])
 def test_cli_two_processes_ddp_spawn(tmp_path, method):
     extra = {"moco": ["method.queue_size=64"], "swav": ["method.num_prototypes=10"]}.get(method, [])

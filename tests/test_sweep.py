@@ -43,7 +43,6 @@ def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 
 # -- a multirun with several processes per job --------------------------------------------------------------------
-@pytest.mark.slow
 def test_multirun_with_ddp_spawn_writes_one_folder_per_job(tmp_path):
     sweep = tmp_path / "sweep"
     # a ${hydra:...} value inside the task config: the spawned workers, which have no Hydra, must never resolve it
