@@ -120,18 +120,15 @@ class InstanceDiscrimination(ContrastiveMethod):
             loss = losses.gathered_nt_xent(
                 z1, z2, dist.gather_with_grad(z1), dist.gather_with_grad(z2), offset, self.cfg.method.temperature
             )
-            negatives_per_query = 2 * len(all_labels) - 2
         else:
             terms = [
                 losses.gathered_info_nce(queries[i], dist.gather(keys[1 - i]), offset, self.cfg.method.temperature)
                 for i in queries
             ]
             loss = torch.stack(terms).mean()
-            negatives_per_query = len(all_labels) - 1
         if self.train_labels is not None:
             same = (labels[:, None] == all_labels[None, :]).float().sum(1) - 1  # minus the sample itself
             logs["false_negative_rate"] = (same / max(len(all_labels) - 1, 1)).mean()
-        self._last_negatives = negatives_per_query
         return loss
 
     def bank_loss(self, queries, keys, other, index, labels, logs) -> Tensor:
@@ -208,28 +205,31 @@ class InstanceDiscrimination(ContrastiveMethod):
         and the mean age of those entries in steps."""
         stats: dict[str, float] = {}
         if self.negatives_source == "batch":
-            stats["negatives_per_query"] = float(getattr(self, "_last_negatives", 0))
-            stats["dictionary_size"] = float(self.global_batch_size * (2 if self.key_encoder_kind == "shared" else 1))
+            # shared: both views of the other images; momentum: the other images' keys
+            views = 2 if self.key_encoder_kind == "shared" else 1
+            stats["negatives_per_query"] = float(views * self.global_batch_size - views)
+            stats["dictionary_size"] = float(views * self.global_batch_size)
             return stats
         if self.negatives_source == "bank":
             stats["negatives_per_query"] = float(self.num_negatives)
             stats["dictionary_size"] = float(len(self.bank))
-            slots = self._probe_index.to(self.device) if self._probe_index is not None else None
-            stored_index = slots
-            stored = self.bank.features[slots] if slots is not None else None
-            written = self.bank.written_at[slots] if slots is not None else None
+            if self._probe_index is None:
+                return stats
+            slots = self._probe_index.to(self.device)
+            stored, written = self.bank.features[slots], self.bank.written_at[slots]
+            images = self._probe_images  # the probe subset's own images: the bank is indexed by sample
         else:
             stats["negatives_per_query"] = float(len(self.queue))
             stats["dictionary_size"] = float(len(self.queue))
             filled = (self.queue.index >= 0).nonzero().squeeze(1)
+            if len(filled) == 0:
+                return stats
             # spread over the ring: the first slots alone are a few batches, their age cycling with ptr
             count = min(len(filled), self.cfg.method.probe_size)
             filled = filled[torch.linspace(0, len(filled) - 1, count, device=self.device).round().long()]
-            stored_index, stored, written = self.queue.index[filled], self.queue.keys[filled], self.queue.written_at[filled]
-        if stored_index is None or len(stored_index) == 0:
-            return stats
-        dm = self.trainer.datamodule
-        images = torch.stack([dm.train_set[int(i)][0] for i in stored_index.cpu()]).to(self.device)
+            stored, written = self.queue.keys[filled], self.queue.written_at[filled]
+            train_set = self.trainer.datamodule.train_set
+            images = torch.stack([train_set[int(i)][0] for i in self.queue.index[filled].cpu()]).to(self.device)
         was_training = self.training
         self.eval()
         fresh = self.key_net(self.eval_transform(images))
