@@ -182,8 +182,11 @@ class InstanceDiscrimination(ContrastiveMethod):
     def queue_loss(self, queries, keys, other, index, labels, logs) -> Tensor:
         """MoCo: the queue as it was before this batch is every query's negatives; the new keys are enqueued only
         after all loss terms, so a sample's own key is never its negative (one queue, symmetric or not)."""
-        queue_keys = self.queue.keys.clone()
-        terms = [losses.info_nce(q, keys[other(i)], queue_keys, self.cfg.method.temperature) for i, q in queries.items()]
+        # no copy of the queue: info_nce normalises it into a new tensor, so the in-place enqueue below cannot touch
+        # what the backward pass reads
+        terms = [
+            losses.info_nce(q, keys[other(i)], self.queue.keys, self.cfg.method.temperature) for i, q in queries.items()
+        ]
         fnr = self.false_negative_rate(labels, self.queue.index)
         # before the first enqueue the queue holds no sample, the rate is NaN and would make the epoch's mean NaN
         if fnr is not None and self.global_step > 0:
