@@ -500,13 +500,13 @@ def run_bare(spec: dict[str, Any], channel: Channel) -> dict[str, Any]:
     """SimCLR's step written as a plain PyTorch loop, on the framework's loader and augmentation module."""
     from contrastive.data.augment import build_augment
     from contrastive.losses import nt_xent
-    from contrastive.models import build_backbone, projection_head
+    from contrastive.models import backbone_from_config, projection_head
 
     s, cfg, device = _setup_worker(spec)
     torch.manual_seed(cfg.seed)
     dm = _datamodule(cfg)
     m, b = cfg.method, cfg.backbone
-    backbone = build_backbone(b.name, cfg.data.channels, b.small_images, b.width, b.depth)
+    backbone = backbone_from_config(b, cfg.data.channels)
     projector = projection_head(backbone.out_dim, m.proj_hidden_dim, m.proj_out_dim, m.proj_layers)
     augment = build_augment(cfg.augment, cfg.data, m.num_views)
     memory_format = torch.channels_last if cfg.perf.channels_last else torch.contiguous_format
@@ -621,13 +621,13 @@ def run_loader_loop(spec: dict[str, Any], channel: Channel) -> dict[str, Any]:
     from torch.utils.data import DataLoader
 
     from contrastive.losses import nt_xent
-    from contrastive.models import build_backbone, projection_head
+    from contrastive.models import backbone_from_config, projection_head
 
     s, cfg, device = _setup_worker(spec)
     torch.manual_seed(cfg.seed)
     dm = _datamodule(cfg)
     m, b = cfg.method, cfg.backbone
-    backbone = build_backbone(b.name, cfg.data.channels, b.small_images, b.width, b.depth)
+    backbone = backbone_from_config(b, cfg.data.channels)
     if spec["kind"] == "lightly":
         import lightly
         from lightly.loss import NTXentLoss

@@ -86,6 +86,8 @@ class BackboneConfig:
     small_images: bool = True
     width: int = 32
     depth: int = 4
+    pool_size: int = 1      # small_cnn: side of the pooled map (1: global average)
+    fc_dim: int = 0         # small_cnn: >0 adds a fully connected layer (LeNet-style) after the pooling
     sync_batchnorm: bool = False
 
 
@@ -258,6 +260,11 @@ def validate(cfg: Any, world_size: int = 1) -> None:
     m = cfg.method
     _require(m.name in METHODS, f"method.name={m.name!r} is not known; choose one of {', '.join(sorted(METHODS))}")
     _require(cfg.backbone.name in BACKBONES, f"backbone.name={cfg.backbone.name!r} is not known; choose one of {', '.join(BACKBONES)}")
+    b = cfg.backbone
+    _require(b.get("pool_size", 1) >= 1, f"backbone.pool_size={b.get('pool_size')} must be >= 1")
+    _require(b.get("fc_dim", 0) >= 0, f"backbone.fc_dim={b.get('fc_dim')} must be >= 0 (0: no fully connected layer)")
+    _require(b.name == "small_cnn" or (b.get("pool_size", 1), b.get("fc_dim", 0)) == (1, 0),
+             f"backbone.pool_size and backbone.fc_dim apply to small_cnn only, not backbone.name={b.name!r}")
     _require(cfg.data.name in LOADERS, f"data.name={cfg.data.name!r} is not known; choose one of {', '.join(LOADERS)}")
     _require(cfg.optim.name in OPTIMIZERS, f"optim.name={cfg.optim.name!r} is not known; choose one of {', '.join(OPTIMIZERS)}")
     _require(cfg.optim.scheduler in SCHEDULES,

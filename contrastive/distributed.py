@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 import torch.distributed as tdist
 from torch import Tensor
@@ -18,6 +20,21 @@ def world_size() -> int:
 
 def rank() -> int:
     return tdist.get_rank() if is_distributed() else 0
+
+
+def seed_process_streams(seed: int) -> None:
+    """Give each process its own global RNG stream, ``seed + rank``, so the augmentations of the samples at the same
+    position on two processes differ. Rank 0 keeps ``seed``, so one-process runs are unchanged. Draws that every
+    process must agree on do not use this stream: see :func:`step_generator` and :func:`shared_permutation`."""
+    torch.manual_seed(seed + rank())
+
+
+def step_generator(seed: int, step: int, device: torch.device | str) -> torch.Generator:
+    """A generator that every process builds alike for a given seed and step: for draws made for the whole global
+    batch (the bank's negatives), so N processes draw what one process would, and a resumed run what it drew."""
+    # the CPU generator keeps only 32 bits of a seed: hash the pair into them rather than let seeds alias
+    mixed = int.from_bytes(hashlib.blake2b(f"{seed}:{step}".encode(), digest_size=4).digest(), "little")
+    return torch.Generator(device=device).manual_seed(mixed)
 
 
 def gather_with_grad(x: Tensor) -> Tensor:

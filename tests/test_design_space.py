@@ -21,6 +21,7 @@ from conftest import CONF_DIR, make_cfg
 
 from contrastive.config import validate, validate_with_data
 from contrastive.data.datamodule import ContrastiveDataModule
+from contrastive.distributed import step_generator
 from contrastive.methods import build_method
 from contrastive.train import train
 
@@ -76,7 +77,8 @@ def test_cell_loss_and_dictionary_update(cell):
     if negatives == "queue":  # fill half the queue, so that entries written now and before are both seen
         model.queue.enqueue(torch.randn(QUEUE // 2, cfg.method.proj_out_dim), torch.arange(QUEUE // 2), 0)
         queue_before, ptr = model.queue.keys.clone(), int(model.queue.ptr)
-    if negatives == "bank":
+    if negatives == "bank":  # entries written before (a first write would replace rather than mix)
+        model.bank.written_at.fill_(0)
         bank_before = model.bank.features.clone()
 
     torch.manual_seed(1)
@@ -100,8 +102,7 @@ def test_cell_loss_and_dictionary_update(cell):
     elif negatives == "queue":  # the queue as it was before this batch, whole
         expected = loop_info_nce(q1, k2, [queue_before] * n, t)
     else:  # K bank entries per query, drawn uniformly, never the sample's own
-        torch.manual_seed(1)
-        drawn = model.bank.sample_indices(index, BANK_K)
+        drawn = model.bank.sample_indices(index, BANK_K, step_generator(model.cfg.seed, 0, "cpu"))
         assert not (drawn == index[:, None]).any()
         expected = loop_info_nce(q1, k2, [bank_before[row] for row in drawn], t)
     assert math.isfinite(loss.item())

@@ -86,8 +86,8 @@ def one_step(container: dict, inputs: dict, rank: int = 0, world: int = 1) -> di
         model.queue.features.copy_(inputs["swav_queue"][:, rank * size : (rank + 1) * size])
         model.queue.filled.fill_(size)
         model.queue._host = None
-    # every rank is seeded alike (as seed_everything does): the bank's negatives are drawn for the global batch
-    torch.manual_seed(STEP_SEED)
+    # each rank its own global stream, as in training: the bank's negatives must not depend on it
+    torch.manual_seed(STEP_SEED + rank)
     out = model.contrastive_loss([v[local] for v in inputs["views"]], inputs["index"][local], inputs["labels"][local])
     out.loss.backward()
     loss = out.loss.detach().clone()
@@ -121,6 +121,17 @@ def shuffle_roundtrip(rank: int) -> dict[str, torch.Tensor]:
     }
 
 
+def augment_draw(container: dict) -> list[torch.Tensor]:
+    """The views of one fixed batch after seeding as training does (``seed_process_streams``)."""
+    from contrastive.data.augment import build_augment
+
+    cfg = OmegaConf.create(container)
+    images = torch.arange(WORLD * B * cfg.data.channels * cfg.data.image_size**2, dtype=torch.uint8)
+    images = images.view(WORLD * B, cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
+    dist.seed_process_streams(cfg.seed)
+    return build_augment(cfg.augment, cfg.data, 2)(images)
+
+
 def _rank_main(rank: int, store: str, containers: dict, inputs: dict, out: str) -> None:
     # first of all: a forked child that inherits the parent's OpenMP pool hangs in its first parallel region
     torch.set_num_threads(1)
@@ -128,6 +139,7 @@ def _rank_main(rank: int, store: str, containers: dict, inputs: dict, out: str) 
     try:
         results = {name: one_step(containers[name], inputs[name], rank, WORLD) for name in containers}
         results["shuffle"] = shuffle_roundtrip(rank)
+        results["augment"] = augment_draw(containers["simclr"])
         results["world_size"] = dist.world_size()
         torch.save(results, Path(out) / f"rank{rank}.pt")
     finally:
@@ -148,7 +160,15 @@ def runs(tmp_path_factory) -> dict[str, object]:
     ranks = [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
     assert not dist.is_distributed()
     reference = {name: one_step(single[name], inputs[name]) for name in CASES}
-    return {"ranks": ranks, "single": reference, "inputs": inputs}
+    return {"ranks": ranks, "single": reference, "inputs": inputs, "augment": augment_draw(distributed["simclr"])}
+
+
+def test_each_process_draws_its_own_augmentations(runs):
+    """Same images, same seed: rank 1's views differ from rank 0's, and rank 0 draws what one process draws."""
+    (a0, a1), (b0, b1) = runs["ranks"][0]["augment"], runs["ranks"][1]["augment"]
+    assert (a0 - b0).abs().max() > 0.1 and (a1 - b1).abs().max() > 0.1
+    for got, want in zip(runs["ranks"][0]["augment"], runs["augment"], strict=True):
+        assert torch.equal(got, want)
 
 
 def close(a: torch.Tensor, b: torch.Tensor) -> None:

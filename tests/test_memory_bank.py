@@ -38,15 +38,15 @@ def direct_info_nce(q: torch.Tensor, positive: torch.Tensor, negatives: torch.Te
 
 
 # -- one training step on a hand-made bank ---------------------------------------------------------------------
-@pytest.fixture
-def bank_step(cfg_factory, monkeypatch) -> dict[str, Any]:
-    """One ``training_step`` of the memory bank method on a bank with known contents; records the view, the
-    drawn negatives and the step's contrastive loss."""
+def one_bank_step(cfg_factory, monkeypatch, written: bool) -> dict[str, Any]:
+    """One ``training_step`` of the memory bank method on a bank with known contents (every entry written before,
+    or none); records the view, the drawn negatives and the step's contrastive loss."""
     torch.manual_seed(0)
     model, dm = build(cfg_factory(*BANK))
     gen = torch.Generator().manual_seed(1)
     model.bank.features.copy_(F.normalize(torch.randn(model.bank.features.shape, generator=gen), dim=1))
-    model.bank.written_at.copy_(torch.arange(len(model.bank)) + 100)
+    if written:
+        model.bank.written_at.copy_(torch.arange(len(model.bank)) + 100)
     before = model.bank.features.clone(), model.bank.written_at.clone()
     views = spy(monkeypatch, model.augment, "forward")
     draws = spy(monkeypatch, model.bank, "sample_indices")
@@ -58,6 +58,22 @@ def bank_step(cfg_factory, monkeypatch) -> dict[str, Any]:
         query = model.projector(model.backbone(views[0][0]))
     return {"model": model, "index": index, "old": before[0], "old_written": before[1], "query": query,
             "negatives": draws[0], "loss": outputs[0].loss.detach()}
+
+
+@pytest.fixture
+def bank_step(cfg_factory, monkeypatch) -> dict[str, Any]:
+    return one_bank_step(cfg_factory, monkeypatch, written=True)
+
+
+def test_first_write_replaces_the_random_entry(cfg_factory, monkeypatch):
+    step = one_bank_step(cfg_factory, monkeypatch, written=False)
+    model, index, old, query = step["model"], step["index"], step["old"], step["query"]
+    # the random initial vector is replaced, not mixed in
+    torch.testing.assert_close(model.bank.features[index], F.normalize(query, dim=1), rtol=1e-5, atol=1e-6)
+    assert (model.bank.written_at[index] == 0).all()
+    # as in the paper, the positive is the entry as it was, random
+    expected = direct_info_nce(query, old[index], old[step["negatives"]], model.cfg.method.temperature)
+    torch.testing.assert_close(step["loss"], expected, rtol=1e-5, atol=1e-6)
 
 
 def test_step_writes_normalized_mix_of_old_entry_and_new_embedding(bank_step):

@@ -83,16 +83,17 @@ def test_bank_sample_indices_in_range_never_self_and_cover_the_bank():
     assert ((counts - expected).abs() < 0.15 * expected).all(), counts
 
 
-def test_bank_sample_indices_reproducible_from_seed():
+def test_bank_sample_indices_reproducible_from_the_step_generator():
+    from contrastive.distributed import step_generator
+
     bank = MemoryBank(100, 2)
     own = torch.tensor([0, 5, 99, 42])
-    torch.manual_seed(3)
-    a = bank.sample_indices(own, 20)
-    torch.manual_seed(3)
-    b = bank.sample_indices(own, 20)
-    torch.manual_seed(4)
-    c = bank.sample_indices(own, 20)
-    assert torch.equal(a, b) and not torch.equal(a, c)
+    a = bank.sample_indices(own, 20, step_generator(0, 3, "cpu"))
+    torch.manual_seed(123)  # the global stream (augmentations, per process) does not enter the draw
+    b = bank.sample_indices(own, 20, step_generator(0, 3, "cpu"))
+    c = bank.sample_indices(own, 20, step_generator(0, 4, "cpu"))
+    d = bank.sample_indices(own, 20, step_generator(1, 3, "cpu"))
+    assert torch.equal(a, b) and not torch.equal(a, c) and not torch.equal(a, d)
 
 
 def test_bank_state_dict_round_trip():

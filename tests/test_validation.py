@@ -27,6 +27,9 @@ REPO = Path(__file__).resolve().parents[1]
 REJECTED = [
     (["method.name=byol"], 1, r"method\.name='byol' is not known; choose one of memory_bank, moco, simclr, swav"),
     (["backbone.name=vgg11"], 1, r"backbone\.name='vgg11' is not known; choose one of small_cnn, resnet18"),
+    (["backbone.pool_size=0"], 1, r"backbone\.pool_size=0 must be >= 1"),
+    (["backbone.fc_dim=-1"], 1, r"backbone\.fc_dim=-1 must be >= 0"),
+    (["backbone=resnet18", "backbone.fc_dim=256"], 1, r"backbone\.pool_size and backbone\.fc_dim apply to small_cnn only"),
     (["data.name=imagenet"], 1, r"data\.name='imagenet' is not known; choose one of digits, synthetic, mnist"),
     (["optim.name=adam"], 1, r"optim\.name='adam' is not known; choose one of sgd, adamw, lars"),
     (["optim.scheduler=step"], 1, r"optim\.scheduler='step' is not known; choose one of cosine, constant"),
@@ -75,6 +78,7 @@ def test_rejected_with_a_message_naming_the_key(cfg_factory, overrides, processe
     (["trainer.accelerator=cpu", "trainer.devices=1"], 1),
     (["trainer.devices=auto"], 1),
     (["augment.large.size=12"], 1),
+    (["backbone.pool_size=3", "backbone.fc_dim=64"], 1),
 ])
 def test_accepted(cfg_factory, overrides, processes):
     validate(cfg_factory(*overrides), world_size=processes)

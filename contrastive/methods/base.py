@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from contrastive import distributed as dist
 from contrastive.data.augment import build_augment, build_eval_transform
 from contrastive.metrics import alignment, embedding_std, false_negative_rate, knn_accuracy, uniformity
-from contrastive.models import build_backbone, projection_head
+from contrastive.models import backbone_from_config, projection_head
 from contrastive.optim import build_optimizer, warmup_cosine
 
 
@@ -38,10 +38,7 @@ class ContrastiveMethod(L.LightningModule):
         self.cfg = OmegaConf.create(self.hparams.cfg)
         self.num_train = num_train
         m, data = self.cfg.method, self.cfg.data
-        self.backbone = build_backbone(
-            self.cfg.backbone.name, data.channels, self.cfg.backbone.small_images, self.cfg.backbone.width,
-            self.cfg.backbone.depth,
-        )
+        self.backbone = backbone_from_config(self.cfg.backbone, data.channels)
         self.feature_dim = self.backbone.out_dim
         self.projector = projection_head(self.feature_dim, m.proj_hidden_dim, m.proj_out_dim, m.proj_layers)
         self.probe = nn.Linear(self.feature_dim, data.num_classes)
@@ -72,6 +69,11 @@ class ContrastiveMethod(L.LightningModule):
     @property
     def global_batch_size(self) -> int:
         return self.cfg.data.batch_size * max(self.trainer.world_size, 1) if self._trainer else self.cfg.data.batch_size
+
+    def setup(self, stage: str) -> None:
+        # before a checkpoint restores each rank's saved stream, so a resumed run continues its own
+        if stage == "fit":
+            dist.seed_process_streams(self.cfg.seed)
 
     def on_fit_start(self) -> None:
         dm = getattr(self.trainer, "datamodule", None)

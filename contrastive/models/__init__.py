@@ -10,10 +10,17 @@ BACKBONES = ("small_cnn", "resnet18", "resnet34", "resnet50")
 
 
 class SmallCNN(nn.Module):
-    """A compact conv net (conv-BN-ReLU blocks, two poolings, global average) that trains in minutes on a CPU."""
+    """A compact conv net (conv-BN-ReLU blocks, two poolings, average pooling) that trains in minutes on a CPU.
 
-    def __init__(self, in_channels: int = 1, width: int = 32, depth: int = 4):
+    ``fc_dim > 0`` ends it LeNet-style: the ``pool_size x pool_size`` average-pooled map, flattened, through a
+    fully connected layer with BN and ReLU. It keeps where on the image each feature fired, which a global average
+    throws away and which tells digits apart (6 from 9): on MNIST it lifts 10-shot kNN far more than width does.
+    """
+
+    def __init__(self, in_channels: int = 1, width: int = 32, depth: int = 4, pool_size: int = 1, fc_dim: int = 0):
         super().__init__()
+        if pool_size < 1 or fc_dim < 0:
+            raise ValueError(f"backbone.pool_size must be >= 1 and backbone.fc_dim >= 0, got {pool_size}, {fc_dim}")
         layers: list[nn.Module] = []
         channels = in_channels
         for i in range(depth):
@@ -22,7 +29,11 @@ class SmallCNN(nn.Module):
             if i in (0, depth // 2):
                 layers.append(nn.MaxPool2d(2))
             channels = out
-        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+        layers += [nn.AdaptiveAvgPool2d(pool_size), nn.Flatten()]
+        channels *= pool_size**2
+        if fc_dim:
+            layers += [nn.Linear(channels, fc_dim, bias=False), nn.BatchNorm1d(fc_dim), nn.ReLU(inplace=True)]
+            channels = fc_dim
         self.net = nn.Sequential(*layers)
         self.out_dim = channels
 
@@ -30,14 +41,17 @@ class SmallCNN(nn.Module):
         return self.net(x)
 
 
-def build_backbone(name: str, in_channels: int, small_images: bool = True, width: int = 32, depth: int = 4) -> nn.Module:
+def build_backbone(
+    name: str, in_channels: int, small_images: bool = True, width: int = 32, depth: int = 4, pool_size: int = 1,
+    fc_dim: int = 0,
+) -> nn.Module:
     """A backbone with its classifier removed; ``out_dim`` holds the feature dimension.
 
     ``small_images`` replaces the ResNet stem (7x7/2 conv + max-pool) by a 3x3/1 conv without pooling, the usual
     choice for 32-pixel images.
     """
     if name == "small_cnn":
-        return SmallCNN(in_channels, width, depth)
+        return SmallCNN(in_channels, width, depth, pool_size, fc_dim)
     if name not in BACKBONES:
         raise ValueError(f"backbone.name={name!r} is not known; choose one of {', '.join(BACKBONES)}")
     net = getattr(torchvision.models, name)(weights=None)
@@ -49,6 +63,12 @@ def build_backbone(name: str, in_channels: int, small_images: bool = True, width
     net.out_dim = net.fc.in_features
     net.fc = nn.Identity()
     return net
+
+
+def backbone_from_config(cfg, in_channels: int) -> nn.Module:
+    """:func:`build_backbone` from a ``backbone`` config group (keys added later default, so old checkpoints load)."""
+    return build_backbone(cfg.name, in_channels, cfg.small_images, cfg.width, cfg.depth, cfg.get("pool_size", 1),
+                          cfg.get("fc_dim", 0))
 
 
 def projection_head(in_dim: int, hidden_dim: int, out_dim: int, layers: int, batch_norm: bool = True) -> nn.Module:

@@ -25,18 +25,22 @@ class MemoryBank(nn.Module):
     def __len__(self) -> int:
         return self.features.shape[0]
 
-    def sample_indices(self, index: Tensor, k: int) -> Tensor:
+    def sample_indices(self, index: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
         """K uniform indices per sample of the whole gathered batch (``index``), never the sample's own entry
         (on a small data set K is close to the bank size, and its own entry would be a false negative). Drawn for
-        the global batch so that each process takes its rows and N processes draw what one process would."""
-        draw = torch.randint(len(self) - 1, (len(index), k), device=index.device)
+        the global batch with a ``generator`` every process seeds alike, so that each process takes its rows and
+        N processes draw what one process would."""
+        draw = torch.randint(len(self) - 1, (len(index), k), device=index.device, generator=generator)
         return draw + (draw >= index[:, None]).long()
 
     @torch.no_grad()
     def update(self, index: Tensor, features: Tensor, step: int) -> None:
-        """``v_i <- normalize(m * v_i + (1 - m) * f_i)`` for the batch's samples (indices of the gathered batch)."""
-        mixed = self.momentum * self.features[index] + (1 - self.momentum) * F.normalize(features.float(), dim=1)
-        self.features[index] = F.normalize(mixed, dim=1).to(self.features.dtype)
+        """``v_i <- normalize(m * v_i + (1 - m) * f_i)`` for the batch's samples (indices of the gathered batch);
+        an entry never written holds a random vector, not a feature, so its first write is ``f_i`` itself."""
+        new = F.normalize(features.float(), dim=1)
+        mixed = F.normalize(self.momentum * self.features[index] + (1 - self.momentum) * new, dim=1)
+        first = (self.written_at[index] < 0).unsqueeze(1)
+        self.features[index] = torch.where(first, new, mixed).to(self.features.dtype)
         self.written_at[index] = step
 
 
