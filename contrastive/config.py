@@ -191,6 +191,7 @@ class EvalConfig:
 
 @dataclass
 class PerfConfig:
+    threads: Optional[int] = None   # CPU threads for torch (null: torch's default, one per core)
     channels_last: bool = False
     compile: bool = False
     matmul_precision: str = "high"
@@ -276,6 +277,8 @@ def validate(cfg: Any, world_size: int = 1) -> None:
     for key, value in (("method.temperature", m.temperature), ("optim.lr", cfg.optim.lr)):
         _require(value > 0, f"{key}={value} must be > 0")
     _require(cfg.data.batch_size > 0, f"data.batch_size={cfg.data.batch_size} must be > 0")
+    threads = cfg.get("perf", {}).get("threads")
+    _require(threads is None or threads >= 1, f"perf.threads={threads} must be >= 1 (null: one per core)")
     in_batch = m.name in INSTANCE_METHODS and m.negatives == "batch"
     _require(cfg.data.batch_size >= 2,
              f"data.batch_size={cfg.data.batch_size} must be >= 2: batch norm needs two samples per process"

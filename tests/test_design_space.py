@@ -261,3 +261,22 @@ def test_negatives_sweep_runs_exactly_the_intended_grid():
             assert cfg.data.batch_size == 64
     assert negatives == {"simclr": [62, 254, 1022], "memory_bank": [64, 256, 1024, 4096],
                          "moco": [64, 256, 1024, 4096]}
+
+
+def test_compare_mnist_runs_the_four_methods_on_one_backbone_and_budget():
+    """experiment=compare_mnist sweeps the `mnist_recipe` bundles: the four methods once each, on the same data,
+    backbone, batch and epochs; only the memory bank changes the learning rate."""
+    experiment = yaml.safe_load((Path(CONF_DIR) / "experiment" / "compare_mnist.yaml").read_text())
+    options = experiment["hydra"]["sweeper"]["params"]["+mnist_recipe"].split(",")
+    assert sorted(options) == sorted(p.stem for p in (Path(CONF_DIR) / "mnist_recipe").glob("*.yaml"))
+    shared, lrs = set(), {}
+    for option in options:
+        cfg = make_cfg(["experiment=compare_mnist", f"+mnist_recipe={option}"], fast=False)
+        validate(cfg)
+        validate_with_data(cfg, num_train=8000)
+        assert cfg.method.name == option
+        shared.add((cfg.data.name, cfg.data.subset, cfg.backbone.name, cfg.backbone.pool_size, cfg.backbone.fc_dim,
+                    cfg.data.batch_size, cfg.trainer.max_epochs))
+        lrs[option] = cfg.optim.lr
+    assert shared == {("mnist", "test_split", "small_cnn", 3, 512, 64, experiment["trainer"]["max_epochs"])}
+    assert lrs == {"simclr": 0.3, "moco": 0.3, "swav": 0.3, "memory_bank": 1.2}

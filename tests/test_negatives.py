@@ -31,10 +31,16 @@ def test_bank_update_known_answer():
     # old e1, new 5 e2, m = 0.5: normalize(0.5 e1 + 0.5 e2) = (e1 + e2) / sqrt 2.
     bank = MemoryBank(3, 2, momentum=0.5)
     bank.features.copy_(unit([1, 0], [1, 0], [0, 1]))
+    bank.written_at.copy_(torch.tensor([-1, 2, -1]))
     bank.update(torch.tensor([1]), torch.tensor([[0.0, 5.0]]), step=4)
     s = 1 / math.sqrt(2)
     torch.testing.assert_close(bank.features, torch.tensor([[1, 0], [s, s], [0, 1]]))
     assert bank.written_at.tolist() == [-1, 4, -1]
+    # an entry never written holds its random start, not a feature: the first write replaces it
+    bank.update(torch.tensor([0, 1]), torch.tensor([[0.0, 3.0], [0.0, 5.0]]), step=5)
+    c, d = math.cos(3 * math.pi / 8), math.sin(3 * math.pi / 8)  # (e1 + e2)/sqrt 2 mixed with e2: 67.5 degrees
+    torch.testing.assert_close(bank.features, torch.tensor([[0, 1], [c, d], [0, 1]]))
+    assert bank.written_at.tolist() == [5, 5, -1]
 
 
 def test_bank_update_rule_and_untouched_rows():

@@ -62,6 +62,21 @@ def test_multirun_with_ddp_spawn_writes_one_folder_per_job(tmp_path):
         assert "${" not in (job / "config.yaml").read_text()  # the run folder holds the resolved config
 
 
+def test_parallel_launcher_runs_two_jobs_at_once_with_their_thread_share(tmp_path):
+    sweep = tmp_path / "sweep"
+    one_process = [a for a in FAST_CLI if not a.startswith("trainer.devices")]
+    result = run_cli(["-m", "hydra/launcher=parallel", "perf.threads=1", "method=simclr,moco", *one_process,
+                      f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Joblib.Parallel(n_jobs=2" in result.stdout + result.stderr
+    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    assert jobs == ["0_simclr", "1_moco"]
+    for job in jobs:
+        summary = json.loads((sweep / job / "metrics.json").read_text())
+        assert summary["epochs"] == 1 and summary["global_steps"] == 2
+        assert "threads: 1" in (sweep / job / "config.yaml").read_text()
+
+
 def test_multirun_with_ddp_is_refused_with_a_clear_message(tmp_path):
     sweep = tmp_path / "sweep"
     result = run_cli(["-m", "method=simclr", "trainer.strategy=ddp", *FAST_CLI, f"hydra.sweep.dir={sweep}"],
