@@ -77,8 +77,7 @@ def test_cell_loss_and_dictionary_update(cell):
     if negatives == "queue":  # fill half the queue, so that entries written now and before are both seen
         model.queue.enqueue(torch.randn(QUEUE // 2, cfg.method.proj_out_dim), torch.arange(QUEUE // 2), 0)
         queue_before, ptr = model.queue.keys.clone(), int(model.queue.ptr)
-    if negatives == "bank":  # entries written before (a first write would replace rather than mix)
-        model.bank.written_at.fill_(0)
+    if negatives == "bank":
         bank_before = model.bank.features.clone()
 
     torch.manual_seed(1)

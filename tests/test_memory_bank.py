@@ -65,11 +65,11 @@ def bank_step(cfg_factory, monkeypatch) -> dict[str, Any]:
     return one_bank_step(cfg_factory, monkeypatch, written=True)
 
 
-def test_first_write_replaces_the_random_entry(cfg_factory, monkeypatch):
+def test_first_write_mixes_in_the_random_start_as_the_paper_does(cfg_factory, monkeypatch):
     step = one_bank_step(cfg_factory, monkeypatch, written=False)
     model, index, old, query = step["model"], step["index"], step["old"], step["query"]
-    # the random initial vector is replaced, not mixed in
-    torch.testing.assert_close(model.bank.features[index], F.normalize(query, dim=1), rtol=1e-5, atol=1e-6)
+    expected = F.normalize(0.5 * old[index] + 0.5 * F.normalize(query, dim=1), dim=1)
+    torch.testing.assert_close(model.bank.features[index], expected, rtol=1e-5, atol=1e-6)
     assert (model.bank.written_at[index] == 0).all()
     # as in the paper, the positive is the entry as it was, random
     expected = direct_info_nce(query, old[index], old[step["negatives"]], model.cfg.method.temperature)

@@ -36,10 +36,10 @@ def test_bank_update_known_answer():
     s = 1 / math.sqrt(2)
     torch.testing.assert_close(bank.features, torch.tensor([[1, 0], [s, s], [0, 1]]))
     assert bank.written_at.tolist() == [-1, 4, -1]
-    # an entry never written holds its random start, not a feature: the first write replaces it
+    # a first write mixes in the random start as well (the paper's rule, everywhere)
     bank.update(torch.tensor([0, 1]), torch.tensor([[0.0, 3.0], [0.0, 5.0]]), step=5)
     c, d = math.cos(3 * math.pi / 8), math.sin(3 * math.pi / 8)  # (e1 + e2)/sqrt 2 mixed with e2: 67.5 degrees
-    torch.testing.assert_close(bank.features, torch.tensor([[0, 1], [c, d], [0, 1]]))
+    torch.testing.assert_close(bank.features, torch.tensor([[s, s], [c, d], [0, 1]]))
     assert bank.written_at.tolist() == [5, 5, -1]
 
 

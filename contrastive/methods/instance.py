@@ -134,7 +134,7 @@ class InstanceDiscrimination(ContrastiveMethod):
     def bank_loss(self, queries, keys, other, index, labels, logs) -> Tensor:
         """InstDisc/NPID: negatives drawn uniformly from the bank; with one view the positive is the sample's own
         bank entry from before this step's update (in the first epoch, the random vector it starts as, as in the
-        paper). The bank then takes ``normalize(m * old + (1 - m) * new)``, or ``new`` at an entry's first write."""
+        paper). The bank then takes ``normalize(m * old + (1 - m) * new)``."""
         m, n = self.cfg.method, len(index)
         global_index = dist.gather(index)
         generator = dist.step_generator(self.cfg.seed, self.global_step, index.device)
