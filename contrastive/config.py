@@ -262,9 +262,9 @@ def validate(cfg: Any, world_size: int = 1) -> None:
     _require(m.name in METHODS, f"method.name={m.name!r} is not known; choose one of {', '.join(sorted(METHODS))}")
     _require(cfg.backbone.name in BACKBONES, f"backbone.name={cfg.backbone.name!r} is not known; choose one of {', '.join(BACKBONES)}")
     b = cfg.backbone
-    _require(b.get("pool_size", 1) >= 1, f"backbone.pool_size={b.get('pool_size')} must be >= 1")
-    _require(b.get("fc_dim", 0) >= 0, f"backbone.fc_dim={b.get('fc_dim')} must be >= 0 (0: no fully connected layer)")
-    _require(b.name == "small_cnn" or (b.get("pool_size", 1), b.get("fc_dim", 0)) == (1, 0),
+    _require(b.pool_size >= 1, f"backbone.pool_size={b.pool_size} must be >= 1")
+    _require(b.fc_dim >= 0, f"backbone.fc_dim={b.fc_dim} must be >= 0 (0: no fully connected layer)")
+    _require(b.name == "small_cnn" or (b.pool_size, b.fc_dim) == (1, 0),
              f"backbone.pool_size and backbone.fc_dim apply to small_cnn only, not backbone.name={b.name!r}")
     _require(cfg.data.name in LOADERS, f"data.name={cfg.data.name!r} is not known; choose one of {', '.join(LOADERS)}")
     _require(cfg.optim.name in OPTIMIZERS, f"optim.name={cfg.optim.name!r} is not known; choose one of {', '.join(OPTIMIZERS)}")
@@ -277,7 +277,7 @@ def validate(cfg: Any, world_size: int = 1) -> None:
     for key, value in (("method.temperature", m.temperature), ("optim.lr", cfg.optim.lr)):
         _require(value > 0, f"{key}={value} must be > 0")
     _require(cfg.data.batch_size > 0, f"data.batch_size={cfg.data.batch_size} must be > 0")
-    threads = cfg.get("perf", {}).get("threads")
+    threads = cfg.perf.threads
     _require(threads is None or threads >= 1, f"perf.threads={threads} must be >= 1 (null: one per core)")
     in_batch = m.name in INSTANCE_METHODS and m.negatives == "batch"
     _require(cfg.data.batch_size >= 2,

@@ -217,7 +217,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     validate(cfg, world_size=world)
     ckpt_path = resume_checkpoint(cfg, out)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    if cfg.perf.get("threads"):
+    if cfg.perf.threads:
         torch.set_num_threads(cfg.perf.threads)  # parallel jobs on one machine: cores / jobs each
     torch.set_float32_matmul_precision(cfg.perf.matmul_precision)
 
