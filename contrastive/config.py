@@ -121,6 +121,7 @@ class InstanceConfig(MethodConfig):
     queue_size: int = 4096
     num_negatives: Optional[int] = None
     bank_momentum: float = 0.5
+    bank_init: str = "encoder"
 
 
 @dataclass
@@ -239,6 +240,7 @@ class ConfigWarning(UserWarning):
 INSTANCE_METHODS = ("simclr", "memory_bank", "moco")
 KEY_ENCODERS = ("shared", "momentum")
 NEGATIVE_SOURCES = ("batch", "bank", "queue")
+BANK_INITS = ("random", "encoder")
 LOGGERS = ("csv", "wandb", "none")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
 PRECISIONS = ("32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true", "transformer-engine",
@@ -300,6 +302,7 @@ def validate(cfg: Any, world_size: int = 1) -> None:
         _require(m.num_views <= 2, f"method.num_views={m.num_views} must be 1 or 2 for {m.name}")
         _require(0 <= m.momentum <= 1, f"method.momentum={m.momentum} must be in [0, 1]")
         _require(0 <= m.bank_momentum < 1, f"method.bank_momentum={m.bank_momentum} must be in [0, 1)")
+        _require(m.bank_init in BANK_INITS, f"method.bank_init={m.bank_init!r}; choose one of {', '.join(BANK_INITS)}")
         if m.negatives == "queue":
             _require(m.queue_size > 0 and m.queue_size % global_batch == 0,
                      f"method.queue_size={m.queue_size} must be a positive multiple of the global batch "

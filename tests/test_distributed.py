@@ -55,6 +55,9 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
 }
 
 
+BANK_INIT = ["method=memory_bank", "method.bank_init=encoder", "data.size=96"]
+
+
 def compose_container(overrides: list[str]) -> dict:
     return OmegaConf.to_container(make_cfg(overrides), resolve=True)
 
@@ -132,14 +135,37 @@ def augment_draw(container: dict) -> list[torch.Tensor]:
     return build_augment(cfg.augment, cfg.data, 2)(images)
 
 
+def bank_fill(container: dict) -> dict[str, torch.Tensor]:
+    """``method.bank_init=encoder``'s pass over the training set, with a fixed per-image augmentation and key
+    encoder, so that 1 and 2 processes must write the same bank."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.plugins.precision import Precision
+
+    from contrastive.data.datamodule import ContrastiveDataModule
+
+    cfg = OmegaConf.create(container)
+    dm = ContrastiveDataModule(cfg.data)
+    dm.setup("fit")
+    model = build_method(cfg, dm.num_train)
+    proj = torch.randn(cfg.data.channels * cfg.data.image_size**2, cfg.method.proj_out_dim,
+                       generator=torch.Generator().manual_seed(5))
+    model.augment.forward = lambda images: [images.float() / 255]
+    model.key_net = lambda view: view.flatten(1) @ proj
+    model._trainer = SimpleNamespace(datamodule=dm, precision_plugin=Precision())
+    model.encode_bank()
+    return {"features": model.bank.features.clone(), "written": model.bank.written_at.clone()}
+
+
 def _rank_main(rank: int, store: str, containers: dict, inputs: dict, out: str) -> None:
     # first of all: a forked child that inherits the parent's OpenMP pool hangs in its first parallel region
     torch.set_num_threads(1)
     tdist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     try:
-        results = {name: one_step(containers[name], inputs[name], rank, WORLD) for name in containers}
+        results = {name: one_step(containers[name], inputs[name], rank, WORLD) for name in inputs}
         results["shuffle"] = shuffle_roundtrip(rank)
         results["augment"] = augment_draw(containers["simclr"])
+        results["bank_fill"] = bank_fill(containers["bank_init"])
         results["world_size"] = dist.world_size()
         torch.save(results, Path(out) / f"rank{rank}.pt")
     finally:
@@ -155,12 +181,15 @@ def runs(tmp_path_factory) -> dict[str, object]:
     single = {name: compose_container([f"data.batch_size={WORLD * B}", *over, *extra])
               for name, (over, extra) in CASES.items()}
     inputs = {name: make_inputs(distributed[name], seed=i) for i, name in enumerate(CASES)}
-    mp.start_processes(_rank_main, args=(str(tmp / "store"), distributed, inputs, str(tmp)), nprocs=WORLD,
-                       join=True, start_method="fork")
+    # an odd training set (77 images): the two shards wrap around to equal lengths
+    bank_init = compose_container([f"data.batch_size={B}", *BANK_INIT])
+    mp.start_processes(_rank_main, args=(str(tmp / "store"), {**distributed, "bank_init": bank_init}, inputs, str(tmp)),
+                       nprocs=WORLD, join=True, start_method="fork")
     ranks = [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
     assert not dist.is_distributed()
     reference = {name: one_step(single[name], inputs[name]) for name in CASES}
-    return {"ranks": ranks, "single": reference, "inputs": inputs, "augment": augment_draw(distributed["simclr"])}
+    return {"ranks": ranks, "single": reference, "inputs": inputs, "augment": augment_draw(distributed["simclr"]),
+            "bank_fill": bank_fill(bank_init)}
 
 
 def test_each_process_draws_its_own_augmentations(runs):
@@ -210,6 +239,15 @@ def test_banks_and_queues_identical_on_every_rank_and_equal_to_one_process(runs,
         assert torch.equal(single["buffers"]["queue.index"][: WORLD * B], runs["inputs"][name]["index"])
     if "bank.written_at" in single["buffers"]:
         assert int((single["buffers"]["bank.written_at"] >= 0).sum()) == WORLD * B
+
+
+def test_bank_init_pass_fills_the_same_bank_on_every_rank_as_one_process(runs):
+    single = runs["bank_fill"]
+    assert len(single["written"]) % WORLD == 1 and (single["written"] == 0).all()
+    for rank in runs["ranks"]:
+        # the products differ in batch shape: equal to rounding
+        torch.testing.assert_close(rank["bank_fill"]["features"], single["features"], rtol=1e-5, atol=1e-6)
+        assert torch.equal(rank["bank_fill"]["written"], single["written"])
 
 
 def test_swav_per_process_queue_holds_that_process_embeddings(runs):

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from conftest import build, fit, make_cfg, spy
 from lightning.pytorch.callbacks import Callback
 
-from contrastive.config import ConfigError, validate_with_data
+from contrastive.config import ConfigError, validate, validate_with_data
 from contrastive.data.datamodule import ContrastiveDataModule
 from contrastive.methods.memory_bank import MemoryBankMethod
 from contrastive.negatives import MemoryBank
@@ -74,6 +74,54 @@ def test_first_write_mixes_in_the_random_start_as_the_paper_does(cfg_factory, mo
     # as in the paper, the positive is the entry as it was, random
     expected = direct_info_nce(query, old[index], old[step["negatives"]], model.cfg.method.temperature)
     torch.testing.assert_close(step["loss"], expected, rtol=1e-5, atol=1e-6)
+
+
+class BankAtFirstStep(Callback):
+    """The bank as the first training step finds it."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if not hasattr(self, "features"):
+            self.features, self.written = pl_module.bank.features.clone(), pl_module.bank.written_at.clone()
+
+
+def deterministic_encoder(monkeypatch, model) -> Any:
+    """Replace the augmentation and the key encoder by fixed per-image functions; returns the composed map."""
+    proj = torch.randn(model.cfg.data.image_size**2 * model.cfg.data.channels, model.cfg.method.proj_out_dim,
+                       generator=torch.Generator().manual_seed(5))
+    monkeypatch.setattr(model.augment, "forward", lambda images: [images.float() / 255])
+    monkeypatch.setattr(model, "key_net", lambda view: view.flatten(1) @ proj)
+    return lambda images: F.normalize((images.float() / 255).flatten(1) @ proj, dim=1)
+
+
+@pytest.mark.parametrize("written_before", [False, True])
+def test_bank_init_encoder_starts_each_entry_as_its_own_image_encoded(cfg_factory, monkeypatch, written_before):
+    model, dm = build(cfg_factory(*BANK, *SMALL, "method.bank_init=encoder"))
+    encode = deterministic_encoder(monkeypatch, model)
+    if written_before:  # a resumed run: the bank is never filled again
+        model.bank.written_at[3] = 7
+    initial = model.bank.features.clone(), model.bank.written_at.clone()
+    seen = BankAtFirstStep()
+    fit(model, dm, callbacks=[seen], max_steps=1)
+    if written_before:
+        assert torch.equal(seen.features, initial[0]) and torch.equal(seen.written, initial[1])
+        return
+    images = torch.stack([dm.train_set[i][0] for i in range(dm.num_train)])
+    assert [dm.train_set[i][2] for i in range(dm.num_train)] == list(range(dm.num_train))
+    torch.testing.assert_close(seen.features, encode(images), rtol=1e-5, atol=1e-6)
+    assert (seen.written == 0).all()
+
+
+def test_bank_init_random_keeps_the_random_start(cfg_factory, monkeypatch):
+    model, dm = build(cfg_factory(*BANK, *SMALL, "method.bank_init=random"))
+    initial = model.bank.features.clone()
+    seen = BankAtFirstStep()
+    fit(model, dm, callbacks=[seen], max_steps=1)
+    assert torch.equal(seen.features, initial) and (seen.written == -1).all()
+
+
+def test_bank_init_is_validated(cfg_factory):
+    with pytest.raises(ConfigError, match="method.bank_init='zeros'"):
+        validate(cfg_factory(*BANK, "method.bank_init=zeros"))
 
 
 def test_step_writes_normalized_mix_of_old_entry_and_new_embedding(bank_step):

@@ -30,7 +30,7 @@ class ContrastiveDataModule(L.LightningDataModule):
         if self.train_set is None:
             self.train_set, self.val_set = load_splits(self.cfg)
 
-    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
+    def loader(self, dataset: Dataset, train: bool) -> DataLoader:
         workers = int(self.cfg.num_workers)
         return DataLoader(
             dataset, batch_size=int(self.cfg.batch_size), shuffle=train, drop_last=train, num_workers=workers,
@@ -39,12 +39,12 @@ class ContrastiveDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
-        return self._loader(self.train_set, train=True)
+        return self.loader(self.train_set, train=True)
 
     def eval_loaders(self) -> tuple[DataLoader, DataLoader]:
         """(train split, val split) in order, without dropping a batch; usable outside the Trainer."""
         self.setup()
-        return self._loader(self.train_set, train=False), self._loader(self.val_set, train=False)
+        return self.loader(self.train_set, train=False), self.loader(self.val_set, train=False)
 
     def val_dataloader(self) -> list[DataLoader]:
         return list(self.eval_loaders())

@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
+from torch.utils.data import Subset
 
 from contrastive import distributed as dist
 from contrastive import losses
@@ -79,6 +82,35 @@ class InstanceDiscrimination(ContrastiveMethod):
         keys = torch.cat([net(chunk) for chunk in x[perm].chunk(splits)])
         return keys[torch.argsort(perm)]
 
+    # -- the bank's start --------------------------------------------------------------------------------------
+    def on_train_start(self) -> None:
+        # a resumed run's bank has been written: it is never filled again
+        if self.negatives_source == "bank" and self.cfg.method.bank_init == "encoder" and not bool(
+            (self.bank.written_at >= 0).any()
+        ):
+            self.encode_bank()
+
+    @torch.no_grad()
+    def encode_bank(self) -> None:
+        """``bank_init=encoder``: every entry starts as the untrained key encoder's embedding of an augmented view of
+        its image, so the first epoch's positives are the image's own features rather than random vectors."""
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is None:
+            raise RuntimeError("method.bank_init=encoder reads the training set from the trainer's data module; "
+                               "fit with a ContrastiveDataModule, or use method.bank_init=random")
+        start, train_set = time.perf_counter(), dm.train_set
+        n, world = len(train_set), dist.world_size()
+        # equal shards (wrapping around) keep every process's gathers in step
+        shard = [(dist.rank() + world * j) % n for j in range(math.ceil(n / world))]
+        loader = dm.loader(Subset(train_set, shard), train=False)
+        with self.trainer.precision_plugin.forward_context():
+            for images, _, index in loader:
+                view = self.augment(images.to(self.device))[0]
+                keys = self.key_net(view)
+                self.bank.fill(dist.gather(index.to(self.device)), dist.gather(keys))
+        seconds = time.perf_counter() - start
+        rank_zero_info(f"memory bank: {n} entries encoded by the initial key encoder in {seconds:.0f} s")
+
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         if self.key_encoder_kind != "momentum":
             return
@@ -133,8 +165,8 @@ class InstanceDiscrimination(ContrastiveMethod):
 
     def bank_loss(self, queries, keys, other, index, labels, logs) -> Tensor:
         """InstDisc/NPID: negatives drawn uniformly from the bank; with one view the positive is the sample's own
-        bank entry from before this step's update (in the first epoch, the random vector it starts as, as in the
-        paper). The bank then takes ``normalize(m * old + (1 - m) * new)``."""
+        bank entry from before this step's update (in the first epoch, the entry it starts as: see ``bank_init``).
+        The bank then takes ``normalize(m * old + (1 - m) * new)``."""
         m, n = self.cfg.method, len(index)
         global_index = dist.gather(index)
         generator = dist.step_generator(self.cfg.seed, self.global_step, index.device)

@@ -36,11 +36,16 @@ class MemoryBank(nn.Module):
     @torch.no_grad()
     def update(self, index: Tensor, features: Tensor, step: int) -> None:
         """``v_i <- normalize(m * v_i + (1 - m) * f_i)`` for the batch's samples (indices of the gathered batch).
-        A first write mixes in the random start too, as in the paper (replacing it was tried: no clear gain
-        within the bank's run-to-run noise)."""
+        A first write mixes in the start too (random vectors, or the encoder pass of :meth:`fill`)."""
         mixed = self.momentum * self.features[index] + (1 - self.momentum) * F.normalize(features.float(), dim=1)
         self.features[index] = F.normalize(mixed, dim=1).to(self.features.dtype)
         self.written_at[index] = step
+
+    @torch.no_grad()
+    def fill(self, index: Tensor, features: Tensor) -> None:
+        """Replaces entries outright: the bank's start, from an encoder pass before training (step 0)."""
+        self.features[index] = F.normalize(features.float(), dim=1).to(self.features.dtype)
+        self.written_at[index] = 0
 
 
 class Queue(nn.Module):
