@@ -468,7 +468,8 @@ def claim_batch_size(runs: list[Run]) -> Claim:
 
 def claim_staleness(runs: list[Run]) -> Claim:
     statement = "The memory bank's stored keys are staler (less consistent with the current encoder) than MoCo's queue."
-    rule = "mean staleness cosine of memory-bank runs < that of MoCo runs (1 = fresh)"
+    rule = ("mean staleness cosine of memory-bank runs < that of MoCo runs (1 = fresh; the cosine also counts the "
+            "augmentation and training-mode batch norm behind each stored key, not only encoder drift)")
     bank = [v for v in (r.num("staleness") for r in _family(runs, "memory bank")) if v is not None]
     queue = [v for v in (r.num("staleness") for r in _family(runs, "momentum queue")) if v is not None]
     if not bank or not queue:
