@@ -111,7 +111,7 @@ def test_bank_init_encoder_starts_each_entry_as_its_own_image_encoded(cfg_factor
     assert (seen.written == 0).all()
 
 
-def test_bank_init_random_keeps_the_random_start(cfg_factory, monkeypatch):
+def test_bank_init_random_keeps_the_random_start(cfg_factory):
     model, dm = build(cfg_factory(*BANK, *SMALL, "method.bank_init=random"))
     initial = model.bank.features.clone()
     seen = BankAtFirstStep()
