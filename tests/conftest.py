@@ -65,6 +65,18 @@ def spy(monkeypatch, obj: Any, name: str) -> list[Any]:
     return returned
 
 
+def fixed_bank_encoder(model, assign=setattr):
+    """Replace the model's augmentation and key encoder by fixed per-image functions (``assign``: ``setattr``, or
+    a monkeypatch's); returns what the pair maps a batch of images to, normalised as the bank stores it."""
+    import torch.nn.functional as F
+
+    proj = torch.randn(model.cfg.data.image_size**2 * model.cfg.data.channels, model.cfg.method.proj_out_dim,
+                       generator=torch.Generator().manual_seed(5))
+    assign(model.augment.large, "forward", lambda images: images.float() / 255)
+    assign(model, "key_net", lambda view: view.flatten(1) @ proj)
+    return lambda images: F.normalize((images.float() / 255).flatten(1) @ proj, dim=1)
+
+
 def fit(model, dm, callbacks=(), **trainer_args):
     """A bare Lightning fit on the CPU: no logger, checkpoint or progress bar unless asked."""
     import lightning as L

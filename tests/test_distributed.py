@@ -23,7 +23,7 @@ import pytest
 import torch
 import torch.distributed as tdist
 import torch.multiprocessing as mp
-from conftest import make_cfg
+from conftest import fixed_bank_encoder, make_cfg
 from lightning.pytorch.strategies import DDPStrategy
 from omegaconf import OmegaConf
 
@@ -148,10 +148,7 @@ def bank_fill(container: dict) -> dict[str, torch.Tensor]:
     dm = ContrastiveDataModule(cfg.data)
     dm.setup("fit")
     model = build_method(cfg, dm.num_train)
-    proj = torch.randn(cfg.data.channels * cfg.data.image_size**2, cfg.method.proj_out_dim,
-                       generator=torch.Generator().manual_seed(5))
-    model.augment.forward = lambda images: [images.float() / 255]
-    model.key_net = lambda view: view.flatten(1) @ proj
+    fixed_bank_encoder(model)
     model._trainer = SimpleNamespace(datamodule=dm, precision_plugin=Precision())
     model.encode_bank()
     return {"features": model.bank.features.clone(), "written": model.bank.written_at.clone()}

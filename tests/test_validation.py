@@ -31,6 +31,7 @@ REJECTED = [
     (["backbone.fc_dim=-1"], 1, r"backbone\.fc_dim=-1 must be >= 0"),
     (["backbone=resnet18", "backbone.fc_dim=256"], 1, r"backbone\.pool_size and backbone\.fc_dim apply to small_cnn only"),
     (["perf.threads=0"], 1, r"perf\.threads=0 must be >= 1"),
+    (["method=memory_bank", "method.bank_init=zeros"], 1, r"method\.bank_init='zeros'; choose one of random, encoder"),
     (["data.name=imagenet"], 1, r"data\.name='imagenet' is not known; choose one of digits, synthetic, mnist"),
     (["optim.name=adam"], 1, r"optim\.name='adam' is not known; choose one of sgd, adamw, lars"),
     (["optim.scheduler=step"], 1, r"optim\.scheduler='step' is not known; choose one of cosine, constant"),

@@ -105,7 +105,7 @@ class InstanceDiscrimination(ContrastiveMethod):
         loader = dm.loader(Subset(train_set, shard), train=False)
         with self.trainer.precision_plugin.forward_context():
             for images, _, index in loader:
-                view = self.augment(images.to(self.device))[0]
+                view = self.augment.large(images.to(self.device))  # one view: the others would be discarded
                 keys = self.key_net(view)
                 self.bank.fill(dist.gather(index.to(self.device)), dist.gather(keys))
         seconds = time.perf_counter() - start
