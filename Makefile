@@ -1,12 +1,25 @@
-PYTHON ?= python3
+# The Python to install into and run: the active virtual environment if there is one, otherwise a
+# project .venv made on first use (system Pythons refuse `pip install`, PEP 668). PYTHON=... overrides.
+BOOTSTRAP_PYTHON ?= python3
+VENV ?= .venv
+ifneq ($(VIRTUAL_ENV),)
+PYTHON ?= $(VIRTUAL_ENV)/bin/python
+else
+PYTHON ?= $(VENV)/bin/python
+endif
 PIP ?= $(PYTHON) -m pip
+# The known-good torch / torchvision pair; pyproject.toml declares the supported range.
+CONSTRAINTS ?= constraints.txt
 # Threads per process: the default (all cores) oversubscribes small CPU runs.
 export OMP_NUM_THREADS ?= 2
 
 .PHONY: install demo train test test-all lint clean
 
-install:
-	$(PIP) install -q -e '.[dev]'
+$(VENV)/bin/python:
+	$(BOOTSTRAP_PYTHON) -m venv $(VENV)
+
+install: $(filter $(VENV)/bin/python,$(PYTHON))
+	$(PIP) install -q -c $(CONSTRAINTS) -e '.[dev]'
 
 # The main job: the four architectures side by side on the embedded digits, then the report.
 demo: install
