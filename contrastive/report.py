@@ -23,10 +23,11 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-HOLDS, FAILS, UNMEASURED = "holds", "does not hold", "not measured here"
+from contrastive.stats import ALPHA, FAILS, HOLDS, UNMEASURED, compare, summarize, within_noise
+
 SWAV_MARGIN = 5.0  # points of kNN accuracy within which clustering counts as "comparable" (claim f)
-# Override keys that name the run rather than a hyperparameter of it.
-_IGNORED_KEYS = ("method", "output_dir", "ckpt_path", "resume")
+# Override keys that name the run rather than a hyperparameter of it; runs differing only in `seed` are one group.
+_IGNORED_KEYS = ("method", "output_dir", "ckpt_path", "resume", "seed")
 _FAMILY_BY_NEGATIVES = {"batch": "end-to-end", "bank": "memory bank", "queue": "momentum queue",
                         "prototypes": "clustering"}
 _FAMILY_BY_METHOD = {"simclr": "end-to-end", "memory_bank": "memory bank", "moco": "momentum queue",
@@ -183,6 +184,19 @@ def run_labels(runs: list[Run], swept: dict[str, list[str]]) -> dict[str, str]:
     return {name: label if counts[label] == 1 else f"{label} ({name})" for name, label in labels.items()}
 
 
+def run_groups(runs: list[Run], swept: dict[str, list[str]]) -> dict[str, list[Run]]:
+    """Runs that differ only in ``seed`` (or in nothing), under the label of the group: method + swept values."""
+    groups: dict[str, list[Run]] = defaultdict(list)
+    for run in runs:
+        parts = [f"{key.rsplit('.', 1)[-1]}={_short(run.value(key))}" for key in swept.get(run.method, [])]
+        groups[" ".join([run.method, *parts])].append(run)
+    return dict(groups)
+
+
+def _values(group: Iterable[Run], key: str) -> list[float]:
+    return [v for v in (run.num(key) for run in group) if v is not None]
+
+
 # ---------------------------------------------------------------------------------------------------- table
 
 
@@ -215,6 +229,24 @@ def runs_table(runs: list[Run]) -> str:
     rows = [[f"`{_fmt(run.name, None)}`", *(_fmt(run.metrics.get(key), digits) for _, key, digits in COLUMNS)]
             for run in runs]
     return _md_table(["run", *(header for header, _, _ in COLUMNS)], rows)
+
+
+GROUP_COLUMNS = [("kNN", "knn_acc"), ("1-shot kNN", "knn_acc_1shot"), ("10-shot kNN", "knn_acc_10shot"),
+                 ("linear (online)", "linear_acc"), ("offline linear", "offline_linear_acc"),
+                 ("time (s)", "train_time_s")]
+
+
+def groups_table(groups: dict[str, list[Run]]) -> str:
+    """Mean and 95% interval of each figure over a group's runs (its seeds)."""
+    rows = []
+    for label, group in groups.items():
+        cells = []
+        for _, key in GROUP_COLUMNS:
+            values = _values(group, key)
+            cells.append(str(summarize(values)) if values else "-")
+        seeds = sorted({_short(run.value("seed")) for run in group if run.value("seed") is not None})
+        rows.append([_fmt(label, None), str(len(group)), ", ".join(seeds) or "-", *cells])
+    return _md_table(["group", "runs", "seeds", *(header for header, _ in GROUP_COLUMNS)], rows)
 
 
 def baselines_line(runs: list[Run]) -> str:
@@ -288,6 +320,82 @@ def plot_knn_per_epoch(runs: list[Run], labels: dict[str, str], path: Path) -> b
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    _save(fig, path)
+    return True
+
+
+def knn_curve(run: Run) -> list[tuple[float, float | None, float]]:
+    """(training images seen, wall-clock seconds since the start of training or None, kNN) after each epoch."""
+    batch = run.num("global_batch_size")
+    points = []
+    for rec in run.metrics.get("history") or []:
+        if not isinstance(rec, dict):
+            continue
+        step, acc = _as_float(rec.get("step")), _as_float(rec.get("knn_acc"))
+        if step is not None and acc is not None and batch is not None:
+            points.append((step * batch, _as_float(rec.get("wall_s")), acc))
+    return points
+
+
+def accuracy_target(runs: list[Run]) -> float | None:
+    """The kNN accuracy every run with a history reaches: the lowest of their best epochs, rounded down."""
+    best = [max(acc for _, _, acc in curve) for curve in map(knn_curve, runs) if curve]
+    return float(math.floor(min(best))) if best else None
+
+
+def time_to_accuracy(run: Run, target: float) -> tuple[float, float | None] | None:
+    """Images seen and seconds at the end of the first epoch whose kNN reached ``target``; None if none did."""
+    return next(((images, wall) for images, wall, acc in knn_curve(run) if acc >= target), None)
+
+
+def time_to_accuracy_section(groups: dict[str, list[Run]], target: float | None, out: Path) -> list[str]:
+    lines = ["## Time to accuracy", ""]
+    runs = [run for group in groups.values() for run in group]
+    if target is None:
+        return [*lines, "No run has a per-epoch kNN history with its step count.", ""]
+    if plot_time_to_accuracy(runs, target, out / "time_to_accuracy.png"):
+        lines += ["![kNN accuracy against images seen and seconds](time_to_accuracy.png)", "",
+                  (f"*kNN accuracy after each epoch against training images seen (left) and wall-clock seconds "
+                   f"since training started, evaluation included (right); dotted: the target {target:g}%.*"), ""]
+    rows = []
+    for label, group in groups.items():
+        reached = [time_to_accuracy(run, target) for run in group]
+        images = [r[0] for r in reached if r is not None]
+        seconds = [r[1] for r in reached if r is not None and r[1] is not None]
+        rows.append([_fmt(label, None), f"{len(images)}/{len(group)}",
+                     f"{summarize(images).mean:,.0f}" if images else "not reached",
+                     str(summarize(seconds)) if seconds else "-"])
+    lines += [f"Target: {target:g}% kNN, the lowest best-epoch kNN among the runs (so every run reaches it); "
+              "the first epoch at or above it counts (images and seconds: mean over the group's runs, seconds "
+              "with its 95% interval).", "",
+              _md_table(["group", "runs reaching it", "images seen", "seconds"], rows), ""]
+    return lines
+
+
+def plot_time_to_accuracy(runs: list[Run], target: float, path: Path) -> bool:
+    colors, fig = _colors(runs), Figure(figsize=(11, 4.2))
+    left, right = fig.subplots(1, 2, sharey=True)
+    drawn = False
+    for run in runs:
+        curve = knn_curve(run)
+        if not curve:
+            continue
+        left.plot([c[0] for c in curve], [c[2] for c in curve], color=colors[run.method], marker="o", markersize=2,
+                  label=run.method if not drawn or run.method not in left.get_legend_handles_labels()[1] else None)
+        timed = [(c[1], c[2]) for c in curve if c[1] is not None]
+        if timed:
+            right.plot(*zip(*timed), color=colors[run.method], marker="o", markersize=2)
+        drawn = True
+    if not drawn:
+        return False
+    for ax, xlabel in ((left, "training images seen"), (right, "wall-clock seconds")):
+        ax.axhline(target, color="grey", linestyle=":")
+        ax.set(xlabel=xlabel)
+        ax.grid(alpha=0.3)
+    left.set(ylabel="kNN accuracy (%)", title="Accuracy against data seen")
+    right.set(title="Accuracy against time")
+    left.legend(fontsize=8)
+    fig.tight_layout()
     _save(fig, path)
     return True
 
@@ -443,12 +551,16 @@ def _family(runs: list[Run], *families: str) -> list[Run]:
     return [run for run in runs if run.family in families]
 
 
-def _best_per_setting(runs: list[Run], families: tuple[str, ...]) -> dict[tuple, float]:
-    best: dict[tuple, float] = {}
-    for run in _family(runs, *families):
-        acc = run.num("knn_acc")
-        if acc is not None:
-            best[run.setting] = max(acc, best.get(run.setting, acc))
+def _best_group_per_setting(runs: list[Run], families: tuple[str, ...]) -> dict[tuple, list[Run]]:
+    """Per setting (data, backbone, epochs): the runs of the group (seeds of one configuration) with the highest
+    mean kNN among the families' runs."""
+    groups = run_groups(_family(runs, *families), swept_keys(runs))
+    best: dict[tuple, list[Run]] = {}
+    for group in groups.values():
+        for setting, members in _by(group, lambda r: r.setting).items():
+            accs = _values(members, "knn_acc")
+            if accs and (setting not in best or _mean(accs) > _mean(_values(best[setting], "knn_acc"))):
+                best[setting] = members
     return best
 
 
@@ -456,26 +568,46 @@ def _setting_name(setting: tuple) -> str:
     return "/".join(setting)
 
 
+def _overall(verdicts: list[str], n: list[tuple[int, int]]) -> str:
+    """One verdict over several comparisons: every one holds, or one fails; else within noise."""
+    if all(v == HOLDS for v in verdicts):
+        return HOLDS
+    if any(v == FAILS for v in verdicts):
+        return FAILS
+    return within_noise([k for pair in n for k in pair])
+
+
+_TEST = (f"Welch's t-test over the runs (seeds) of each group, two-sided at {ALPHA:g}: 'holds' or 'does not hold' "
+         "only when the difference is beyond the noise, otherwise 'within noise' (no test with one run per group)")
+
+
 def claim_batch_size(runs: list[Run]) -> Claim:
-    points = _mean_by_value(_family(runs, "end-to-end"), lambda r: r.num("global_batch_size"))
-    rule = "mean kNN at the largest batch > mean kNN at the smallest batch, over end-to-end runs"
+    by_batch = _by((r for r in _family(runs, "end-to-end") if r.num("global_batch_size") is not None),
+                   lambda r: r.num("global_batch_size"))
+    rule = f"kNN of end-to-end runs at the largest batch > at the smallest batch; {_TEST}"
     statement = "End-to-end training (SimCLR, in-batch negatives) gets more accurate as the batch grows."
-    if len(points) < 2:
+    batches = sorted(b for b in by_batch if _values(by_batch[b], "knn_acc"))
+    if len(batches) < 2:
         return Claim("a", statement, rule, UNMEASURED, "needs end-to-end runs at two or more batch sizes")
-    evidence = "kNN by batch: " + ", ".join(f"{x:g}: {y:.1f}" for x, y in points)
-    return Claim("a", statement, rule, HOLDS if points[-1][1] > points[0][1] else FAILS, evidence)
+    test = compare(_values(by_batch[batches[-1]], "knn_acc"), _values(by_batch[batches[0]], "knn_acc"))
+    evidence = ("kNN by batch: " + ", ".join(f"{b:g}: {summarize(_values(by_batch[b], 'knn_acc'))}" for b in batches)
+                + f"; largest - smallest: {test}")
+    return Claim("a", statement, rule, test.verdict, evidence)
 
 
 def claim_staleness(runs: list[Run]) -> Claim:
     statement = "The memory bank's stored keys are staler (less consistent with the current encoder) than MoCo's queue."
-    rule = ("mean staleness cosine of memory-bank runs < that of MoCo runs (1 = fresh; the cosine also counts the "
-            "augmentation and training-mode batch norm behind each stored key, not only encoder drift)")
-    bank = [v for v in (r.num("staleness") for r in _family(runs, "memory bank")) if v is not None]
-    queue = [v for v in (r.num("staleness") for r in _family(runs, "momentum queue")) if v is not None]
+    rule = ("staleness cosine of MoCo runs > that of memory-bank runs (1 = fresh; the cosine also counts the "
+            f"augmentation and training-mode batch norm behind each stored key, not only encoder drift); {_TEST}")
+    bank = _values(_family(runs, "memory bank"), "staleness")
+    queue = _values(_family(runs, "momentum queue"), "staleness")
     if not bank or not queue:
         return Claim("b", statement, rule, UNMEASURED, "needs staleness from memory-bank and MoCo runs")
-    evidence = f"memory bank {_mean(bank):.3f} (n={len(bank)}), MoCo {_mean(queue):.3f} (n={len(queue)})"
-    return Claim("b", statement, rule, HOLDS if _mean(bank) < _mean(queue) else FAILS, evidence)
+    test = compare(queue, bank)
+    bank_s, queue_s = summarize(bank), summarize(queue)
+    evidence = (f"memory bank {bank_s.mean:.3f} (n={bank_s.n}), MoCo {queue_s.mean:.3f} (n={queue_s.n}); "
+                f"MoCo - bank: {test.diff:+.3f}, {str(test).split(', ', 1)[1]}")
+    return Claim("b", statement, rule, test.verdict, evidence)
 
 
 def claim_decoupled(runs: list[Run]) -> Claim:
@@ -500,42 +632,55 @@ def claim_decoupled(runs: list[Run]) -> Claim:
 
 def claim_more_negatives(runs: list[Run]) -> Claim:
     statement = "More negatives help instance discrimination."
-    rule = "for every method whose runs differ in negatives/query: mean kNN at the largest K >= at the smallest K"
-    parts, ok = [], []
+    rule = f"for every method whose runs differ in negatives/query: kNN at the largest K > at the smallest K; {_TEST}"
+    parts, verdicts, ns = [], [], []
     for method, group in sorted(_by(runs, lambda r: r.method).items()):
-        points = _mean_by_value(group, lambda r: r.num("negatives_per_query"))
-        if len(points) >= 2:
-            (k0, a0), (k1, a1) = points[0], points[-1]
-            parts.append(f"{method}: K={k0:g} {a0:.1f} -> K={k1:g} {a1:.1f}")
-            ok.append(a1 >= a0)
-    if not ok:
+        by_k = _by((r for r in group if r.num("negatives_per_query") is not None and r.num("knn_acc") is not None),
+                   lambda r: r.num("negatives_per_query"))
+        if len(by_k) >= 2:
+            k0, k1 = min(by_k), max(by_k)
+            test = compare(_values(by_k[k1], "knn_acc"), _values(by_k[k0], "knn_acc"))
+            parts.append(f"{method}: K={k0:g} {summarize(_values(by_k[k0], 'knn_acc'))} -> "
+                         f"K={k1:g} {summarize(_values(by_k[k1], 'knn_acc'))} ({test})")
+            verdicts.append(test.verdict)
+            ns.append(test.n)
+    if not verdicts:
         return Claim("d", statement, rule, UNMEASURED, "needs a method with runs at two or more negatives/query")
-    return Claim("d", statement, rule, HOLDS if all(ok) else FAILS, "; ".join(parts))
+    return Claim("d", statement, rule, _overall(verdicts, ns), "; ".join(parts))
+
+
+def _compare_best(runs: list[Run], a: tuple[str, ...], b: tuple[str, ...], margin: float = 0.0):
+    """Per shared setting: the best group of families ``a`` against the best of ``b`` (kNN)."""
+    best_a, best_b = _best_group_per_setting(runs, a), _best_group_per_setting(runs, b)
+    return [(s, compare(_values(best_a[s], "knn_acc"), _values(best_b[s], "knn_acc"), margin),
+             summarize(_values(best_a[s], "knn_acc")), summarize(_values(best_b[s], "knn_acc")))
+            for s in sorted(set(best_a) & set(best_b))]
 
 
 def claim_moco_vs_bank(runs: list[Run]) -> Claim:
     statement = "MoCo is at least as accurate as the memory bank at comparable settings (MoCo paper, Fig. 3)."
-    rule = "best MoCo kNN >= best memory-bank kNN, among runs with the same data, backbone and epochs"
-    moco, bank = _best_per_setting(runs, ("momentum queue",)), _best_per_setting(runs, ("memory bank",))
-    shared = sorted(set(moco) & set(bank))
-    if not shared:
+    rule = ("best MoCo group's kNN > best memory-bank group's, among runs with the same data, backbone and epochs; "
+            + _TEST)
+    tests = _compare_best(runs, ("momentum queue",), ("memory bank",))
+    if not tests:
         return Claim("e", statement, rule, UNMEASURED, "needs MoCo and memory-bank runs with the same setting")
-    evidence = "; ".join(f"{_setting_name(s)}: MoCo {moco[s]:.1f} vs memory bank {bank[s]:.1f}" for s in shared)
-    return Claim("e", statement, rule, HOLDS if all(moco[s] >= bank[s] for s in shared) else FAILS, evidence)
+    evidence = "; ".join(f"{_setting_name(s)}: MoCo {a} vs memory bank {b} ({t})" for s, t, a, b in tests)
+    return Claim("e", statement, rule, _overall([t.verdict for _, t, _, _ in tests], [t.n for _, t, _, _ in tests]),
+                 evidence)
 
 
 def claim_clustering(runs: list[Run]) -> Claim:
     statement = ("Clustering (SwAV) reaches accuracy comparable to the instance-contrastive methods without any "
                  "explicit negatives.")
-    rule = (f"best SwAV kNN >= best instance-contrastive kNN - {SWAV_MARGIN:g} points, among runs with the same "
-            "data, backbone and epochs")
-    swav, instance = _best_per_setting(runs, ("clustering",)), _best_per_setting(runs, _INSTANCE_FAMILIES)
-    shared = sorted(set(swav) & set(instance))
-    if not shared:
+    rule = (f"best SwAV group's kNN + {SWAV_MARGIN:g} points > best instance-contrastive group's, among runs with "
+            f"the same data, backbone and epochs; {_TEST}")
+    tests = _compare_best(runs, ("clustering",), _INSTANCE_FAMILIES, SWAV_MARGIN)
+    if not tests:
         return Claim("f", statement, rule, UNMEASURED, "needs SwAV and instance-contrastive runs with the same setting")
-    evidence = "; ".join(f"{_setting_name(s)}: SwAV {swav[s]:.1f} vs best instance {instance[s]:.1f}" for s in shared)
-    verdict = HOLDS if all(swav[s] >= instance[s] - SWAV_MARGIN for s in shared) else FAILS
-    return Claim("f", statement, rule, verdict, evidence)
+    evidence = "; ".join(f"{_setting_name(s)}: SwAV {a} vs best instance {b} (with the margin: {t})"
+                         for s, t, a, b in tests)
+    return Claim("f", statement, rule, _overall([t.verdict for _, t, _, _ in tests], [t.n for _, t, _, _ in tests]),
+                 evidence)
 
 
 def claim_learned(runs: list[Run]) -> Claim:
@@ -569,7 +714,7 @@ def claims_section(claims: list[Claim]) -> list[str]:
 # ---------------------------------------------------------------------------------------------------- report
 
 
-def _report(root: Path, out: Path | None = None) -> tuple[Path, str]:
+def _report(root: Path, out: Path | None = None, target: float | None = None) -> tuple[Path, str]:
     """Write the report; returns the markdown's path and the runs table."""
     root = Path(root)
     runs = load_runs(root) if root.is_dir() else []
@@ -602,16 +747,22 @@ def _report(root: Path, out: Path | None = None) -> tuple[Path, str]:
             lines += [f"![{caption}]({name})", "", f"*{caption}*", ""]
         else:
             lines += [f"`{name}` not drawn: {missing}.", ""]
+    groups = run_groups(runs, swept)
+    lines[lines.index("## Plots"):lines.index("## Plots")] = [
+        "## Groups", "", ("Runs that differ only in `seed` form a group: mean ± half-width of the 95% interval "
+                          "(Student's t), n runs."), "", groups_table(groups), ""]
     lines += sweeps_section(runs, swept, out)
+    lines += time_to_accuracy_section(groups, accuracy_target(runs) if target is None else target, out)
     lines += claims_section(survey_claims(runs))
     path = out / "comparison.md"
     path.write_text("\n".join(lines))
     return path, table
 
 
-def make_report(root: Path, out: Path | None = None) -> Path:
-    """Write ``comparison.md`` and its PNG plots into ``out`` (default: ``root``); returns the markdown's path."""
-    return _report(root, out)[0]
+def make_report(root: Path, out: Path | None = None, target: float | None = None) -> Path:
+    """Write ``comparison.md`` and its PNG plots into ``out`` (default: ``root``); returns the markdown's path.
+    ``target``: the kNN accuracy of the time-to-accuracy table (default: the lowest that every run reaches)."""
+    return _report(root, out, target)[0]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -619,9 +770,11 @@ def main(argv: list[str] | None = None) -> int:
                                      description="Compare the runs below DIR: markdown table, plots, survey claims.")
     parser.add_argument("dir", type=Path, help="a Hydra multirun folder, or any folder of run folders")
     parser.add_argument("--out", type=Path, default=None, help="where to write comparison.md and plots (default DIR)")
+    parser.add_argument("--target", type=float, default=None,
+                        help="kNN accuracy (%%) for the time-to-accuracy table (default: the lowest every run reaches)")
     args = parser.parse_args(argv)
     try:
-        path, table = _report(args.dir, args.out)
+        path, table = _report(args.dir, args.out, args.target)
     except NoRunsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -164,9 +164,41 @@ def test_sweep_key_detected_with_config_and_hydra_fallbacks(sweep_dir: Path) -> 
     assert "| moco | 4096 | 1 | 75.0 | 37.5 | 76.2 | 4,096 |" in section
 
 
-def test_claim_verdicts_follow_the_fabricated_numbers(sweep_dir: Path) -> None:
+def seeded(runs: list[Run], jitter: tuple[float, ...] = (-0.2, 0.0, 0.2)) -> list[Run]:
+    """Each run repeated over seeds, its kNN (and staleness, scaled) moved by ``jitter``: groups with known spread."""
+    out = []
+    for run in runs:
+        for seed, shift in enumerate(jitter):
+            metrics = dict(run.metrics)
+            if metrics.get("knn_acc") is not None:
+                metrics["knn_acc"] += shift
+            if metrics.get("staleness") is not None:
+                metrics["staleness"] += shift / 100
+            out.append(Run(f"{run.name}_s{seed}", run.path, metrics, {**run.overrides, "seed": str(seed)}))
+    return out
+
+
+def test_single_runs_give_no_verdict_between_accuracies(sweep_dir: Path) -> None:
+    """One run per configuration: no interval, so comparisons of accuracies are 'within noise', never decided."""
     verdicts = claim_verdicts(make_report(sweep_dir).read_text())
+    assert verdicts == {"a": UNMEASURED, "b": "within noise (n=3/1)", "c": HOLDS, "d": "within noise (n=1/1)",
+                        "e": "within noise (n=1/1)", "f": "within noise (n=1/1)", "g": HOLDS}
+
+
+def test_claim_verdicts_follow_seeded_groups(sweep_dir: Path) -> None:
+    """Three seeds per configuration with a spread of 0.2 points: the fixture's differences are beyond the noise."""
+    runs = seeded(load_runs(sweep_dir))
+    verdicts = {claim.letter: claim.verdict for claim in survey_claims(runs)}
     assert verdicts == {"a": UNMEASURED, "b": HOLDS, "c": HOLDS, "d": HOLDS, "e": HOLDS, "f": FAILS, "g": HOLDS}
+    claim_e = survey_claims(runs)[4]
+    assert "MoCo 75.0 ± 0.5 (n=3) vs memory bank 70.0 ± 0.5 (n=3)" in claim_e.evidence  # t(0.975, 2) 4.303 x 0.2/sqrt 3
+
+
+def test_noisy_seeds_are_within_noise(sweep_dir: Path) -> None:
+    """A spread of 3 points per group: MoCo's 5-point lead over the bank (Welch p 0.11) is not a verdict."""
+    verdicts = {claim.letter: claim.verdict for claim in survey_claims(seeded(load_runs(sweep_dir), (-3, 0, 3)))}
+    assert verdicts["e"] == "within noise (n=3/3)"
+    assert verdicts["f"] == FAILS  # SwAV 60 + 5 against SimCLR's 80 stays beyond that noise
 
 
 def test_flipped_numbers_flip_the_verdicts(sweep_dir: Path) -> None:
@@ -182,11 +214,37 @@ def test_flipped_numbers_flip_the_verdicts(sweep_dir: Path) -> None:
     edit("1_memory_bank", staleness=0.95, knn_acc=76.0)
     edit("4_moco", negatives_per_query=100)  # the queue's largest K is still 4096 at batch 128
     edit("2_moco", knn_acc=60.0)  # K=4096 now below K=256 (70.0); MoCo's best is 72.5 < the bank's 76.0
-    edit("5_swav", knn_acc=75.0)  # exactly 5 points below SimCLR's 80.0: still comparable
+    edit("5_swav", knn_acc=76.0)  # 4 points below SimCLR's 80.0: within the 5-point margin
+    runs = seeded(runs)
     verdicts = {claim.letter: claim.verdict for claim in survey_claims(runs)}
     assert verdicts == {"a": FAILS, "b": FAILS, "c": HOLDS, "d": FAILS, "e": FAILS, "f": HOLDS, "g": FAILS}
     claim_a = survey_claims(runs)[0]
-    assert "128: 80.0" in claim_a.evidence and "256: 78.0" in claim_a.evidence
+    assert "128: 80.0 ± 0.5 (n=3)" in claim_a.evidence and "256: 78.0 ± 0.5 (n=3)" in claim_a.evidence
+
+
+def test_groups_table_and_time_to_accuracy(tmp_path: Path) -> None:
+    """Seeds of one configuration form one row; time to accuracy reads the history's steps and seconds."""
+    root = tmp_path / "seeds"
+    for seed, (knn, wall) in enumerate([(70.0, 10.0), (72.0, 20.0), (74.0, 30.0)]):
+        hist = [{"epoch": e, "step": 10 * (e + 1), "knn_acc": knn - 10 * (2 - e), "wall_s": wall * (e + 1)}
+                for e in range(3)]
+        write_run(root, f"{seed}_moco", instance_run("moco", "queue", knn, 4096, 0.9, history=hist),
+                  ["method=moco", f"seed={seed}"])
+    markdown = make_report(root).read_text()
+    groups = markdown.split("## Groups", 1)[1].split("##", 1)[0]
+    # mean 72, sd 2, t(0.975, 2) = 4.303: half-width 4.303 * 2 / sqrt(3) = 4.97
+    assert "| moco | 3 | 0, 1, 2 | 72.0 ± 5.0 (n=3) |" in groups
+    assert "sweep_seed" not in markdown  # a seed is a repeat, not a swept setting
+    section = markdown.split("## Time to accuracy", 1)[1].split("## Survey", 1)[0]
+    # target: the lowest best epoch, 70; every seed first reaches it at its last epoch (step 30 x batch 128), after
+    # 30, 60, 90 s: mean 60, sd 30, half-width 4.303 x 30 / sqrt(3) = 74.5
+    assert "Target: 70% kNN" in section
+    assert "| moco | 3/3 | 3,840 | 60.0 ± 74.5 (n=3) |" in section, section
+    assert_png(root / "time_to_accuracy.png")
+    # at 61%: epochs 2, 1, 1 (steps 30, 20, 20), after 30, 40, 60 s (sd 15.28: half-width 37.9)
+    assert main([str(root), "--target", "61"]) == 0
+    section = (root / "comparison.md").read_text().split("## Time to accuracy", 1)[1]
+    assert "Target: 61% kNN" in section and "| moco | 3/3 | 2,987 | 43.3 ± 37.9 (n=3) |" in section
 
 
 def test_negatives_sweep_when_two_methods_vary_k(sweep_dir: Path) -> None:
@@ -198,7 +256,7 @@ def test_negatives_sweep_when_two_methods_vary_k(sweep_dir: Path) -> None:
     section = markdown.split("### Negatives per query", 1)[1].split("##", 1)[0]
     assert "| simclr (batch) | 510 | 1 | 82.0 |" in section
     assert "| memory_bank (bank) | 4096 | 1 | 70.0 |" in section
-    assert claim_verdicts(markdown)["a"] == HOLDS  # 82.0 at 256 > 80.0 at 128
+    assert claim_verdicts(markdown)["a"] == "within noise (n=1/1)"  # 82.0 at 256 vs 80.0 at 128, one run each
 
 
 def test_out_dir_and_no_runs_error(sweep_dir: Path, tmp_path: Path, capsys) -> None:
