@@ -694,9 +694,31 @@ def claim_learned(runs: list[Run]) -> Claim:
     return Claim("g", statement, rule, HOLDS if all(final > init for _, final, init in pairs) else FAILS, evidence)
 
 
+def claim_later_stages(runs: list[Run]) -> Claim:
+    statement = ("Features from later stages of the encoder serve better than earlier ones (the survey: res5 against "
+                 "res2 to res4).")
+    rule = f"per group, kNN of the last encoder stage > of the first (`eval.stages=true`); {_TEST}"
+    parts, verdicts, ns = [], [], []
+    for label, group in run_groups(runs, swept_keys(runs)).items():
+        names = next((run.metrics["stages"] for run in group if isinstance(run.metrics.get("stages"), list)), None)
+        if not names or len(names) < 2:
+            continue
+        first, last = (_values(group, f"stage_{name}_knn_acc") for name in (names[0], names[-1]))
+        if first and last:
+            test = compare(last, first)
+            by_stage = ", ".join(f"{name} {summarize(_values(group, f'stage_{name}_knn_acc')).mean:.1f}"
+                                 for name in names if _values(group, f"stage_{name}_knn_acc"))
+            parts.append(f"{label}: {by_stage} ({names[-1]} - {names[0]}: {test})")
+            verdicts.append(test.verdict)
+            ns.append(test.n)
+    if not verdicts:
+        return Claim("h", statement, rule, UNMEASURED, "needs runs with per-stage probes (eval.stages=true)")
+    return Claim("h", statement, rule, _overall(verdicts, ns), "; ".join(parts))
+
+
 def survey_claims(runs: list[Run]) -> list[Claim]:
     checks = [claim_batch_size, claim_staleness, claim_decoupled, claim_more_negatives, claim_moco_vs_bank,
-              claim_clustering, claim_learned]
+              claim_clustering, claim_learned, claim_later_stages]
     return [check(runs) for check in checks]
 
 

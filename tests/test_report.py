@@ -182,14 +182,15 @@ def test_single_runs_give_no_verdict_between_accuracies(sweep_dir: Path) -> None
     """One run per configuration: no interval, so comparisons of accuracies are 'within noise', never decided."""
     verdicts = claim_verdicts(make_report(sweep_dir).read_text())
     assert verdicts == {"a": UNMEASURED, "b": "within noise (n=3/1)", "c": HOLDS, "d": "within noise (n=1/1)",
-                        "e": "within noise (n=1/1)", "f": "within noise (n=1/1)", "g": HOLDS}
+                        "e": "within noise (n=1/1)", "f": "within noise (n=1/1)", "g": HOLDS, "h": UNMEASURED}
 
 
 def test_claim_verdicts_follow_seeded_groups(sweep_dir: Path) -> None:
     """Three seeds per configuration with a spread of 0.2 points: the fixture's differences are beyond the noise."""
     runs = seeded(load_runs(sweep_dir))
     verdicts = {claim.letter: claim.verdict for claim in survey_claims(runs)}
-    assert verdicts == {"a": UNMEASURED, "b": HOLDS, "c": HOLDS, "d": HOLDS, "e": HOLDS, "f": FAILS, "g": HOLDS}
+    assert verdicts == {"a": UNMEASURED, "b": HOLDS, "c": HOLDS, "d": HOLDS, "e": HOLDS, "f": FAILS, "g": HOLDS,
+                        "h": UNMEASURED}
     claim_e = survey_claims(runs)[4]
     assert "MoCo 75.0 ± 0.5 (n=3) vs memory bank 70.0 ± 0.5 (n=3)" in claim_e.evidence  # t(0.975, 2) 4.303 x 0.2/sqrt 3
 
@@ -217,7 +218,8 @@ def test_flipped_numbers_flip_the_verdicts(sweep_dir: Path) -> None:
     edit("5_swav", knn_acc=76.0)  # 4 points below SimCLR's 80.0: within the 5-point margin
     runs = seeded(runs)
     verdicts = {claim.letter: claim.verdict for claim in survey_claims(runs)}
-    assert verdicts == {"a": FAILS, "b": FAILS, "c": HOLDS, "d": FAILS, "e": FAILS, "f": HOLDS, "g": FAILS}
+    assert verdicts == {"a": FAILS, "b": FAILS, "c": HOLDS, "d": FAILS, "e": FAILS, "f": HOLDS, "g": FAILS,
+                        "h": UNMEASURED}
     claim_a = survey_claims(runs)[0]
     assert "128: 80.0 ± 0.5 (n=3)" in claim_a.evidence and "256: 78.0 ± 0.5 (n=3)" in claim_a.evidence
 
@@ -283,3 +285,19 @@ def test_cli_in_a_subprocess(sweep_dir: Path, tmp_path: Path) -> None:
                             capture_output=True, text=True, timeout=120)
     assert failed.returncode != 0
     assert str(missing) in failed.stderr and "Traceback" not in failed.stderr
+
+
+def test_stage_claim_per_group(tmp_path: Path) -> None:
+    """Later stages better for MoCo (beyond the seeds' noise), worse for SimCLR: the claim does not hold."""
+    root = tmp_path / "stages"
+    for seed, shift in enumerate((-0.3, 0.0, 0.3)):
+        for method, first, last in (("moco", 40.0, 70.0), ("simclr", 60.0, 50.0)):
+            stages = {"stages": ["block1", "block2"], "stage_block1_knn_acc": first + shift,
+                      "stage_block2_knn_acc": last - shift}
+            write_run(root, f"{method}_{seed}", instance_run(method, "queue", 70.0, 4096, 0.9, **stages),
+                      [f"method={method}", f"seed={seed}"])
+    claim = survey_claims(load_runs(root))[7]
+    assert claim.letter == "h" and claim.verdict == FAILS
+    assert "moco: block1 40.0, block2 70.0" in claim.evidence and "simclr: block1 60.0, block2 50.0" in claim.evidence
+    only_moco = [run for run in load_runs(root) if run.method == "moco"]
+    assert survey_claims(only_moco)[7].verdict == HOLDS
