@@ -249,6 +249,22 @@ def groups_table(groups: dict[str, list[Run]]) -> str:
     return _md_table(["group", "runs", "seeds", *(header for header, _ in GROUP_COLUMNS)], rows)
 
 
+def budget_line(runs: list[Run]) -> str:
+    """Whether the runs compare at equal optimiser steps, at equal epochs, or neither."""
+    steps = sorted({v for v in (run.num("global_steps") for run in runs) if v is not None})
+    epochs = sorted({v for v in (run.num("epochs") for run in runs) if v is not None})
+    span = lambda values: f"{values[0]:g}" if len(values) == 1 else f"{values[0]:g} to {values[-1]:g}"
+    if not steps or not epochs:
+        return "Budget: not recorded (no `global_steps` / `epochs` in metrics.json)."
+    if len(steps) == 1 and len(epochs) == 1:
+        return f"Budget: equal steps and epochs ({span(steps)} optimiser steps, {span(epochs)} epochs per run)."
+    if len(steps) == 1:
+        return f"Budget: equal optimiser steps ({span(steps)} per run; epochs {span(epochs)})."
+    if len(epochs) == 1:
+        return f"Budget: equal epochs ({span(epochs)} per run; optimiser steps {span(steps)})."
+    return f"Budget: unequal (optimiser steps {span(steps)}, epochs {span(epochs)}): compare with care."
+
+
 def baselines_line(runs: list[Run]) -> str:
     """Raw-pixel kNN (from the first run that measured it) and each method's random-init 1-shot kNN."""
     parts = []
@@ -521,7 +537,8 @@ def sweeps_section(runs: list[Run], swept: dict[str, list[str]], out: Path) -> l
         series = {name: _mean_by_value(group, lambda r: r.num("negatives_per_query"))
                   for name, group in sorted(groups.items())}
         series = {name: points for name, points in series.items() if points}
-        lines += ["### Negatives per query (MoCo paper, Fig. 3)", ""]
+        lines += ["### Negatives per query (MoCo paper, Fig. 3)", "",
+                  budget_line([run for group in groups.values() for run in group]), ""]
         if series:
             plot_lines(series, colors, "negatives per query (log2)", "Accuracy against negatives per query",
                        out / "negatives_sweep.png", log2=True)
@@ -750,6 +767,7 @@ def _report(root: Path, out: Path | None = None, target: float | None = None) ->
     table = runs_table(runs)
 
     lines = [f"# Comparison of {len(runs)} runs in `{root}`", "", "## Runs", "", table, "", baselines_line(runs), "",
+             budget_line(runs), "",
              ("Accuracies in percent; staleness is the mean cosine between stored keys and the same images "
               "re-encoded now (1 = fresh); false-negative rate is a fraction; '-' = not recorded by that run."),
              "", "## Plots", ""]

@@ -301,3 +301,15 @@ def test_stage_claim_per_group(tmp_path: Path) -> None:
     assert "moco: block1 40.0, block2 70.0" in claim.evidence and "simclr: block1 60.0, block2 50.0" in claim.evidence
     only_moco = [run for run in load_runs(root) if run.method == "moco"]
     assert survey_claims(only_moco)[7].verdict == HOLDS
+
+
+def test_budget_line_says_which_protocol(tmp_path: Path) -> None:
+    from contrastive.report import budget_line
+
+    def runs(*pairs):
+        return [Run(f"r{i}", tmp_path, {"global_steps": s, "epochs": e}, {}) for i, (s, e) in enumerate(pairs)]
+
+    assert budget_line(runs((100, 2), (100, 8))) == "Budget: equal optimiser steps (100 per run; epochs 2 to 8)."
+    assert budget_line(runs((100, 2), (400, 2))) == "Budget: equal epochs (2 per run; optimiser steps 100 to 400)."
+    assert budget_line(runs((100, 2), (100, 2))).startswith("Budget: equal steps and epochs")
+    assert budget_line(runs((100, 2), (400, 8))).startswith("Budget: unequal")
