@@ -753,8 +753,24 @@ def claims_section(claims: list[Claim]) -> list[str]:
 # ---------------------------------------------------------------------------------------------------- report
 
 
-def _report(root: Path, out: Path | None = None, target: float | None = None) -> tuple[Path, str]:
-    """Write the report; returns the markdown's path and the runs table."""
+@dataclass
+class Report:
+    """A written report as data: what notebooks and scripts read instead of parsing the markdown."""
+
+    path: Path                  # comparison.md
+    runs: list[Run]
+    groups: dict[str, list[Run]]  # label -> the runs that differ only in seed
+    runs_table: str             # markdown
+    groups_table: str           # markdown
+    claims: list[Claim]
+    target: float | None        # the time-to-accuracy target (kNN %)
+    plots: list[Path]
+
+
+def build_report(root: Path, out: Path | None = None, target: float | None = None) -> Report:
+    """Write ``comparison.md`` and its PNG plots into ``out`` (default: ``root``) and return them as a
+    :class:`Report`. ``target``: the kNN accuracy of the time-to-accuracy table (default: the lowest every run
+    reaches)."""
     root = Path(root)
     runs = load_runs(root) if root.is_dir() else []
     if not runs:
@@ -764,13 +780,17 @@ def _report(root: Path, out: Path | None = None, target: float | None = None) ->
     swept = swept_keys(runs)
     runs.sort(key=lambda r: (r.method, tuple(_sort_value(r.value(k)) for k in swept[r.method]), r.name))
     labels = run_labels(runs, swept)
-    table = runs_table(runs)
+    groups = run_groups(runs, swept)
+    table, group_table = runs_table(runs), groups_table(groups)
+    target = accuracy_target(runs) if target is None else target
+    claims = survey_claims(runs)
 
     lines = [f"# Comparison of {len(runs)} runs in `{root}`", "", "## Runs", "", table, "", baselines_line(runs), "",
              budget_line(runs), "",
              ("Accuracies in percent; staleness is the mean cosine between stored keys and the same images "
-              "re-encoded now (1 = fresh); false-negative rate is a fraction; '-' = not recorded by that run."),
-             "", "## Plots", ""]
+              "re-encoded now (1 = fresh); false-negative rate is a fraction; '-' = not recorded by that run."), "",
+             "## Groups", "", ("Runs that differ only in `seed` form a group: mean ± half-width of the 95% interval "
+                               "(Student's t), n runs."), "", group_table, "", "## Plots", ""]
     plots = [
         ("knn_per_epoch.png", lambda p: plot_knn_per_epoch(runs, labels, p),
          "kNN accuracy on the validation set after each epoch, one line per run (method and swept values).",
@@ -787,22 +807,18 @@ def _report(root: Path, out: Path | None = None, target: float | None = None) ->
             lines += [f"![{caption}]({name})", "", f"*{caption}*", ""]
         else:
             lines += [f"`{name}` not drawn: {missing}.", ""]
-    groups = run_groups(runs, swept)
-    lines[lines.index("## Plots"):lines.index("## Plots")] = [
-        "## Groups", "", ("Runs that differ only in `seed` form a group: mean ± half-width of the 95% interval "
-                          "(Student's t), n runs."), "", groups_table(groups), ""]
     lines += sweeps_section(runs, swept, out)
-    lines += time_to_accuracy_section(groups, accuracy_target(runs) if target is None else target, out)
-    lines += claims_section(survey_claims(runs))
+    lines += time_to_accuracy_section(groups, target, out)
+    lines += claims_section(claims)
     path = out / "comparison.md"
     path.write_text("\n".join(lines))
-    return path, table
+    drawn = sorted(out / name for name in {m for m in re.findall(r"\]\(([^)]+\.png)\)", path.read_text())})
+    return Report(path, runs, groups, table, group_table, claims, target, drawn)
 
 
 def make_report(root: Path, out: Path | None = None, target: float | None = None) -> Path:
-    """Write ``comparison.md`` and its PNG plots into ``out`` (default: ``root``); returns the markdown's path.
-    ``target``: the kNN accuracy of the time-to-accuracy table (default: the lowest that every run reaches)."""
-    return _report(root, out, target)[0]
+    """:func:`build_report`, returning the markdown's path."""
+    return build_report(root, out, target).path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -814,12 +830,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="kNN accuracy (%%) for the time-to-accuracy table (default: the lowest every run reaches)")
     args = parser.parse_args(argv)
     try:
-        path, table = _report(args.dir, args.out, args.target)
+        report = build_report(args.dir, args.out, args.target)
     except NoRunsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(table)
-    print(f"\nwrote {path}")
+    print(report.runs_table)
+    print("\n" + "\n".join(f"{c.letter}) {c.verdict}: {c.statement}" for c in report.claims))
+    print(f"\nwrote {report.path}")
     return 0
 
 

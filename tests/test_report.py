@@ -313,3 +313,16 @@ def test_budget_line_says_which_protocol(tmp_path: Path) -> None:
     assert budget_line(runs((100, 2), (400, 2))) == "Budget: equal epochs (2 per run; optimiser steps 100 to 400)."
     assert budget_line(runs((100, 2), (100, 2))).startswith("Budget: equal steps and epochs")
     assert budget_line(runs((100, 2), (400, 8))).startswith("Budget: unequal")
+
+
+def test_build_report_returns_what_it_wrote(sweep_dir: Path) -> None:
+    from contrastive.report import build_report
+
+    report = build_report(sweep_dir)
+    text = report.path.read_text()
+    assert report.runs_table in text and report.groups_table in text
+    assert [c.letter for c in report.claims] == list("abcdefgh")
+    assert {p.name for p in report.plots} >= {"knn_per_epoch.png", "time_to_accuracy.png"}
+    assert all(p.is_file() for p in report.plots)
+    assert set(report.groups) == {"memory_bank", "moco queue_size=256", "moco queue_size=1024",
+                                  "moco queue_size=4096", "simclr", "swav", "byol"}
