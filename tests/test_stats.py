@@ -7,7 +7,7 @@ import math
 import pytest
 from scipy import stats as sps
 
-from contrastive.stats import FAILS, HOLDS, compare, summarize
+from contrastive.report.stats import FAILS, HOLDS, compare, summarize
 
 
 def test_interval_is_students_t():

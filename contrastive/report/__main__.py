@@ -1,0 +1,5 @@
+import sys
+
+from contrastive.report.build import main
+
+sys.exit(main())

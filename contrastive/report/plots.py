@@ -1,0 +1,152 @@
+"""The report's PNG plots (matplotlib's Agg canvas, whatever pyplot's backend is)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+from contrastive.report.runs import Run, _as_float, _by, knn_curve
+
+_LINESTYLES = ["-", "--", ":", "-."]
+_MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
+
+
+def _colors(runs: list[Run]) -> dict[str, Any]:
+    from matplotlib import colormaps
+
+    palette = colormaps["tab10"].colors
+    return {method: palette[i % len(palette)] for i, method in enumerate(sorted({run.method for run in runs}))}
+
+
+def _save(fig: Figure, path: Path) -> None:
+    FigureCanvasAgg(fig)  # render with Agg whatever pyplot's backend is (notebooks keep theirs)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+
+
+def _set_log2(ax: Any) -> None:
+    """Log2 x axis with plain-number tick labels (256, not 2^8)."""
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+
+
+def _log2_axis(ax: Any, values: list[float]) -> None:
+    """Log2 x axis where the values span enough for it to help."""
+    if values and min(values) > 0 and max(values) / min(values) >= 8:
+        _set_log2(ax)
+
+
+def plot_knn_per_epoch(runs: list[Run], labels: dict[str, str], path: Path) -> bool:
+    colors, fig = _colors(runs), Figure(figsize=(7.5, 4.5))
+    ax, drawn, seen = fig.subplots(), False, defaultdict(int)
+    for run in runs:
+        points = [(rec["epoch"], rec["knn_acc"]) for rec in run.metrics.get("history") or []
+                  if isinstance(rec, dict) and _as_float(rec.get("epoch")) is not None
+                  and _as_float(rec.get("knn_acc")) is not None]
+        if not points:
+            continue
+        i = seen[run.method]
+        seen[run.method] += 1
+        # History epochs are 0-based (recorded during the epoch); +1 counts epochs completed, as the table does.
+        ax.plot([e + 1 for e, _ in points], [a for _, a in points], color=colors[run.method], label=labels[run.name],
+                linestyle=_LINESTYLES[i % len(_LINESTYLES)], marker=_MARKERS[i % len(_MARKERS)], markersize=3)
+        drawn = True
+    if not drawn:
+        return False
+    ax.set(xlabel="epochs trained", ylabel="kNN accuracy (%)", title="kNN accuracy during training")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    _save(fig, path)
+    return True
+
+
+def plot_time_to_accuracy(runs: list[Run], target: float, path: Path) -> bool:
+    colors, fig = _colors(runs), Figure(figsize=(11, 4.2))
+    left, right = fig.subplots(1, 2, sharey=True)
+    drawn = False
+    for run in runs:
+        curve = knn_curve(run)
+        if not curve:
+            continue
+        left.plot([c[0] for c in curve], [c[2] for c in curve], color=colors[run.method], marker="o", markersize=2,
+                  label=run.method if not drawn or run.method not in left.get_legend_handles_labels()[1] else None)
+        timed = [(c[1], c[2]) for c in curve if c[1] is not None]
+        if timed:
+            right.plot(*zip(*timed), color=colors[run.method], marker="o", markersize=2)
+        drawn = True
+    if not drawn:
+        return False
+    for ax, xlabel in ((left, "training images seen"), (right, "wall-clock seconds")):
+        ax.axhline(target, color="grey", linestyle=":")
+        ax.set(xlabel=xlabel)
+        ax.grid(alpha=0.3)
+    left.set(ylabel="kNN accuracy (%)", title="Accuracy against data seen")
+    right.set(title="Accuracy against time")
+    left.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+    return True
+
+
+def plot_acc_vs_negatives(runs: list[Run], path: Path) -> bool:
+    colors, fig = _colors(runs), Figure(figsize=(6.5, 4.5))
+    ax, xs = fig.subplots(), []
+    for i, (method, group) in enumerate(sorted(_by(runs, lambda r: r.method).items())):
+        points = [(run.num("negatives_per_query"), run.num("knn_acc")) for run in group]
+        points = [(k, a) for k, a in points if k is not None and k > 0 and a is not None]
+        if points:
+            ax.scatter(*zip(*points), color=colors[method], marker=_MARKERS[i % len(_MARKERS)], s=45, label=method)
+            xs += [k for k, _ in points]
+    if not xs:
+        return False
+    _set_log2(ax)
+    ax.set(xlabel="negatives per query (log scale)", ylabel="final kNN accuracy (%)",
+           title="Accuracy against the number of negatives")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    _save(fig, path)
+    return True
+
+
+def plot_throughput_memory(runs: list[Run], labels: dict[str, str], path: Path) -> bool:
+    panels = [("images_per_sec", "Throughput", "training images / s"), ("peak_mem_mb", "Peak memory", "MB")]
+    if not any(run.num(key) is not None for run in runs for key, _, _ in panels):
+        return False
+    colors = _colors(runs)
+    fig = Figure(figsize=(11, 0.4 * len(runs) + 1.5))
+    for ax, (key, title, unit) in zip(fig.subplots(1, 2), panels):
+        shown = [run for run in runs if run.num(key) is not None]
+        bars = ax.barh([labels[run.name] for run in shown], [run.num(key) for run in shown],
+                       color=[colors[run.method] for run in shown])
+        ax.bar_label(bars, fmt="%.0f", fontsize=7, padding=2)
+        ax.invert_yaxis()  # first run on top, as in the table
+        ax.set(xlabel=unit, title=title)
+        ax.tick_params(axis="y", labelsize=8)
+        ax.margins(x=0.15)
+    fig.tight_layout()
+    _save(fig, path)
+    return True
+
+
+def plot_lines(series: dict[str, list[tuple[float, float]]], colors: dict[str, Any], xlabel: str, title: str,
+               path: Path, log2: bool = False) -> None:
+    """One line per series of (x, accuracy) points; log2 x if asked or where the values span a wide range."""
+    fig = Figure(figsize=(6.5, 4.5))
+    ax = fig.subplots()
+    for i, (name, points) in enumerate(series.items()):
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker=_MARKERS[i % len(_MARKERS)],
+                color=colors.get(name.split(" ")[0]), linestyle=_LINESTYLES[i % len(_LINESTYLES)], label=name)
+    xs = [p[0] for points in series.values() for p in points]
+    if log2 and min(xs) > 0:
+        _set_log2(ax)
+    else:
+        _log2_axis(ax, xs)
+    ax.set(xlabel=xlabel, ylabel="final kNN accuracy (%)", title=title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    _save(fig, path)
