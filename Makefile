@@ -13,7 +13,7 @@ CONSTRAINTS ?= constraints.txt
 # Threads per process: the default (all cores) oversubscribes small CPU runs.
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: install demo train test test-all lint clean
+.PHONY: install demo train test test-all study lint clean
 
 $(VENV)/bin/python:
 	$(BOOTSTRAP_PYTHON) -m venv $(VENV)
@@ -36,6 +36,29 @@ test: install
 # Also the slow tests (the benchmark side by side with lightly, which needs its own venv: see BENCHMARKS.md).
 test-all: install
 	$(PYTHON) -m pytest -q -m "slow or not slow"
+
+# On a GPU machine with this venv already installed (it downloads nothing): SimCLR ResNet-18 epochs on 50,000
+# synthetic 32 px images in bf16, eager and compiled, every method's step, the torchvision-worker float32 loop, peak
+# memory; written as a section of BENCHMARKS.md. CPU dry run: tests/test_bench.py (slow).
+.PHONY: bench-gpu
+bench-gpu:
+	$(PYTHON) -m contrastive.bench --device cuda --lightly none --markdown BENCHMARKS.md
+
+# The survey study, resumable (run it again after a stop: finished runs are kept, the others resume): the four
+# methods x 3 seeds on the CIFAR-10 split with per-stage probes; the MoCo paper's Figure 3 on MNIST, 2 seeds, at equal
+# epochs and at equal optimiser steps; one report each in results/study/. About 3 hours on a 2-core CPU.
+STUDY ?= runs/study
+DATA ?= ../shared/data
+SIDE_BY_SIDE = hydra/launcher=parallel perf.threads=1 resume=auto data.root=$(DATA)
+study: install
+	$(PYTHON) -m contrastive.train -m experiment=compare_cifar10_cpu seed=0,1,2 eval.stages=true $(SIDE_BY_SIDE) \
+		hydra.sweep.dir=$(STUDY)/cifar10
+	$(PYTHON) -m contrastive.train -m experiment=negatives_sweep seed=0,1 trainer.max_epochs=4 $(SIDE_BY_SIDE) \
+		hydra.sweep.dir=$(STUDY)/negatives_epochs
+	$(PYTHON) -m contrastive.train -m experiment=negatives_sweep_steps seed=0,1 trainer.max_steps=500 $(SIDE_BY_SIDE) \
+		hydra.sweep.dir=$(STUDY)/negatives_steps
+	for part in cifar10 negatives_epochs negatives_steps; do \
+		$(PYTHON) -m contrastive.report $(STUDY)/$$part --out results/study/$$part || exit 1; done
 
 lint:
 	$(PYTHON) -m ruff check contrastive tests
