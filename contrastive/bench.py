@@ -16,6 +16,10 @@ machine; a ratio is the median over rounds of these paired ratios. The contender
 
 Each worker also audits one training step for operations that make the host wait for the device (scalar reads,
 boolean-mask indexing, ...), and the SimCLR-like workers report the kNN accuracy after the same number of steps.
+
+``make bench-gpu`` is ``--device cuda --lightly none --markdown BENCHMARKS.md``: the GPU recipe (bf16,
+channels_last, ``cpu_aug``, a whole SimCLR epoch eager and compiled) at CIFAR size, written as a section of the
+Markdown file; ``--device cpu --tiny --gpu-recipe`` is its dry run.
 """
 
 from __future__ import annotations
@@ -53,6 +57,8 @@ LOADER_KINDS = ("cpu_aug", "lightly")  # contenders whose DataLoader has worker 
 REFERENCE = "simclr"  # every other contender is timed next to it
 KNN_CONTENDERS = (REFERENCE, "bare", "cpu_aug", "lightly")  # SimCLR each: their kNN after the same budget
 MARK = "@@bench "  # prefix of protocol lines on a subprocess worker's stdout
+SECTION_BEGIN = "<!-- contrastive.bench {device}: begin -->"
+SECTION_END = "<!-- contrastive.bench {device}: end -->"
 WAIT_S = 3600  # the longest a worker may take to answer: a round on a slow, loaded machine, or its finish
 TARGETS = {
     "framework_vs_bare": ("<=", 1.05),
@@ -89,6 +95,9 @@ class Settings:
     channels_last: bool = False
     compile: bool = False
     epoch: bool = False  # also time one whole epoch of SimCLR (the GPU figure)
+    epoch_compile: bool = False  # and one more with the backbone compiled
+    cpu_aug: bool = False  # the contender fed by torchvision transforms in DataLoader workers (float32)
+    on_device: bool = False  # the framework and the bare loop read the training split kept on the device
     knn: bool = True
     audit: bool = True
     methods: tuple[str, ...] = METHODS
@@ -129,6 +138,7 @@ class Settings:
             f"trainer.max_epochs={self.epochs(steps)}", f"trainer.max_steps={steps}", "trainer.limit_val_batches=0",
             "trainer.enable_progress_bar=false", f"perf.channels_last={str(self.channels_last).lower()}",
             f"perf.compile={str(self.compile).lower()}", f"seed={self.seed}",
+            f"data.on_device={str(self.on_device).lower()}",
         ]
         if self.backbone == "small_cnn":
             out.append(f"backbone.width={self.width}")
@@ -404,8 +414,9 @@ def run_framework(spec: dict[str, Any], channel: Channel) -> dict[str, Any]:
     import lightning as L
     from lightning.pytorch.callbacks import Callback
 
+    from contrastive.launch import build_strategy
     from contrastive.methods import build_method
-    from contrastive.train import build_logger, build_strategy
+    from contrastive.train import build_logger
 
     s, cfg, device = _setup_worker(spec)
     L.seed_everything(cfg.seed, verbose=False)
@@ -444,7 +455,7 @@ def run_framework(spec: dict[str, Any], channel: Channel) -> dict[str, Any]:
             enable_checkpointing=False, enable_model_summary=False, sync_batchnorm=cfg.backbone.sync_batchnorm,
         )
         if cfg.perf.compile:
-            model.backbone = torch.compile(model.backbone)
+            model.backbone.compile()  # in place, as train does
         trainer.fit(model, datamodule=dm)
         schedule.wait_finish()
         result.update(schedule.summary())
@@ -452,17 +463,24 @@ def run_framework(spec: dict[str, Any], channel: Channel) -> dict[str, Any]:
             result["knn_acc"] = _knn(model.backbone, model.eval_transform, dm, cfg, device)
         if s.epoch and spec["name"] == "simclr":
             result.update(time_epoch(model, dm, cfg, out))
+            if s.epoch_compile and not cfg.perf.compile:
+                model.backbone.compile()
+                result.update({f"compiled_{k}": v for k, v in time_epoch(model, dm, cfg, out).items()})
     return result
 
 
 def time_epoch(model, dm, cfg, out: str) -> dict[str, float]:
-    """Seconds of one whole training epoch (the second of two, so compilation and autotuning are excluded)."""
+    """Seconds of one whole training epoch (the second of two, so compilation and autotuning are excluded), and
+    the peak memory of the two (CUDA: allocated; CPU: the process's resident set so far)."""
     import lightning as L
     from lightning.pytorch.callbacks import Callback
 
-    from contrastive.train import build_strategy
+    from contrastive.launch import build_strategy
 
-    sync = _device_sync(str(model.device.type))
+    device = str(model.device.type)
+    sync = _device_sync(device)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     seconds: list[float] = []
 
     class EpochTimer(Callback):
@@ -481,7 +499,7 @@ def time_epoch(model, dm, cfg, out: str) -> dict[str, float]:
     trainer.fit(model, datamodule=dm)
     images = trainer.num_training_batches * cfg.data.batch_size
     return {"epoch_s": round(seconds[-1], 3), "epoch_images": images,
-            "epoch_images_per_sec": round(images / seconds[-1], 1)}
+            "epoch_images_per_sec": round(images / seconds[-1], 1), "epoch_peak_mem_mb": round(peak_memory_mb(device), 1)}
 
 
 def _bare_optimizer(cfg, modules, total: int):
@@ -516,6 +534,7 @@ def run_bare(spec: dict[str, Any], channel: Channel) -> dict[str, Any]:
     encoder = torch.compile(backbone) if cfg.perf.compile else backbone
     bf16 = cfg.trainer.precision.startswith("bf16")
     schedule = Schedule(s, "bare", "bare", channel, _device_sync(s.device), audit=s.audit and not s.compile)
+    dm.device = device  # for data.on_device: there is no Trainer to say where
     batches = _cycle(dm.train_dataloader())
     for step in range(spec["total_steps"]):
         schedule.before_fetch(step)
@@ -593,7 +612,7 @@ def torchvision_views(cfg):
         T.RandomHorizontalFlip(a.hflip if d.flip else 0.0),
         T.RandomApply([T.ColorJitter(jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue)], p=jitter.p),
         T.RandomGrayscale(a.grayscale),
-        T.RandomApply([T.GaussianBlur(blur_kernel_size(a.large.size), tuple(a.blur.sigma))], p=a.blur.p),
+        T.RandomApply([T.GaussianBlur(blur_kernel_size(a.large.size, a.blur.sigma[1]), tuple(a.blur.sigma))], p=a.blur.p),
         T.ToTensor(),
         T.Normalize(list(d.mean), list(d.std)),
     ])
@@ -780,7 +799,7 @@ def plan_workers(s: Settings) -> list[tuple[str, str, str, tuple[str, ...]]]:
         # SwAV's multi-crop adds two small crops per image: the same method with SimCLR's two views
         plan.append(("swav_2crop", "framework", "swav", ("method.num_small_views=0",)))
     plan.append(("bare", "bare", "simclr", ()))
-    if s.device == "cuda":
+    if s.cpu_aug:
         plan.append(("cpu_aug", "cpu_aug", "simclr", ()))
     if s.lightly:
         plan.append(("lightly", "lightly", "simclr", ()))
@@ -865,8 +884,9 @@ def summarise(s: Settings, results: dict[str, Any]) -> dict[str, Any]:
             ratios[f"simclr_{key}"] = _target(key, paired_ratio(results[other]))
             # per CPU-second: a loader's worker processes add cores that the step time alone does not show
             ratios[f"simclr_{key}_per_cpu_s"] = _target(key, paired_ratio(results[other], "cpu_s"))
-    if "epoch_s" in results[REFERENCE]:
-        ratios["simclr_epoch_s"] = _target("epoch_s", results[REFERENCE]["epoch_s"])
+    for prefix in ("", "compiled_"):
+        if f"{prefix}epoch_s" in results[REFERENCE]:
+            ratios[f"simclr_{prefix}epoch_s"] = _target("epoch_s", results[REFERENCE][f"{prefix}epoch_s"])
     for name, r in results.items():
         if r["kind"] in ("framework", "bare"):
             ratios[f"{name}_data_vs_step"] = _target("data_vs_step", r["data_vs_step"])
@@ -893,6 +913,11 @@ def table(report: dict[str, Any]) -> str:
     lines += ["", f"{'ratio':<28} {'value':>8} {'target':>8}  met"]
     for name, t in report["ratios"].items():
         lines.append(f"{name:<28} {t['value']:>8.3f} {t['target']:>8}  {'yes' if t['met'] else 'NO'}")
+    reference = report["results"][REFERENCE]
+    for prefix, label in (("", "eager"), ("compiled_", "compiled")):
+        if f"{prefix}epoch_s" in reference:
+            lines.append(f"simclr epoch ({label}, {s['precision']}): {reference[f'{prefix}epoch_s']:.3f} s for "
+                         f"{reference[f'{prefix}epoch_images']} images, peak {reference[f'{prefix}epoch_peak_mem_mb']:.0f} MB")
     lines.append("mem MB: " + ("peak CUDA memory allocated" if s["device"] == "cuda" else
                                "growth of the resident set during training (loader workers not counted)"))
     for note in report["notes"]:
@@ -900,14 +925,79 @@ def table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def markdown_section(report: dict[str, Any]) -> str:
+    """The report as a Markdown section (between markers, so that a later run replaces it)."""
+    s, m, results, ratios = report["settings"], report["machine"], report["results"], report["ratios"]
+    device = s["device"]
+    title = "GPU" if device == "cuda" else "CPU"
+    mem = "peak CUDA memory allocated" if device == "cuda" else "growth of the resident set during training"
+    lines = [
+        SECTION_BEGIN.format(device=device),
+        f"## {title}: {m['device_name']}, {report['date']} (written by `contrastive.bench --markdown`)",
+        "",
+        f"Command: `{report['command']}`{' (`make bench-gpu`)' if device == 'cuda' else ''}. Machine: "
+        f"{m['device_name'] + ', host ' if device == 'cuda' else ''}`{m['cpu']}` with {m['cores']} cores; "
+        f"Python {m['python']}, torch {m['torch']}, Lightning "
+        f"{m['lightning']}. Settings: {s['backbone']}, batch {s['batch']}, {s['train_images']:,} synthetic "
+        f"{s['image_size']} px x {s['channels']} ch training images, {s['precision']}, channels_last "
+        f"{str(s['channels_last']).lower()}, data.on_device {str(s['on_device']).lower()}; {s['rounds']} rounds x "
+        f"{s['steps']} timed steps per contender. Wall "
+        f"time {report['wall_s']:.0f} s.",
+        "",
+    ]
+    reference = results[REFERENCE]
+    if "epoch_s" in reference:
+        lines += ["| SimCLR, one whole epoch | seconds | images | images/s | peak MB |", "|---|---:|---:|---:|---:|"]
+        for prefix, label in (("", "eager"), ("compiled_", "compiled (`torch.compile`, inductor)")):
+            if f"{prefix}epoch_s" in reference:
+                lines.append(f"| {s['precision']}, {label} | {reference[f'{prefix}epoch_s']:.3f} | "
+                             f"{reference[f'{prefix}epoch_images']:,} | {reference[f'{prefix}epoch_images_per_sec']:,.0f} | "
+                             f"{reference[f'{prefix}epoch_peak_mem_mb']:,.0f} |")
+        lines.append("")
+    lines += [f"| contender | images/s | step ms | data ms | data/step | mem MB ({mem}) | syncs/step | kNN |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, r in results.items():
+        syncs = r.get("sync_points")
+        lines.append(f"| {name} | {r['images_per_sec']:.1f} | {1000 * r['step_s']:.2f} | {1000 * r['data_s']:.2f} | "
+                     f"{r['data_vs_step']:.3f} | {r.get('train_mem_mb', r['peak_mem_mb']):.0f} | "
+                     f"{'-' if syncs is None else syncs} | {r.get('knn_acc', '-')} |")
+    lines += ["", "| ratio (median of paired rounds; epoch: seconds) | value | target | met |", "|---|---:|---|---|"]
+    for name, t in ratios.items():
+        lines.append(f"| {name} | {t['value']:.3f} | {t['target']} | {'yes' if t['met'] else 'no'} |")
+    for note in report["notes"]:
+        lines += ["", f"Note: {note}"]
+    lines.append(SECTION_END.format(device=device))
+    return "\n".join(lines) + "\n"
+
+
+def write_markdown_section(path: Path, section: str, device: str) -> None:
+    """Replace the section an earlier run on ``device`` wrote into ``path``, or append it."""
+    text = path.read_text() if path.is_file() else ""
+    begin, end = SECTION_BEGIN.format(device=device), SECTION_END.format(device=device)
+    if begin in text and end in text.split(begin, 1)[1]:
+        head, rest = text.split(begin, 1)
+        text = head + section.rstrip("\n") + rest.split(end, 1)[1]
+    else:
+        text = (text.rstrip("\n") + "\n\n" if text else "") + section
+    path.write_text(text)
+
+
 def settings_from_args(args: argparse.Namespace) -> tuple[Settings, list[str]]:
     cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit("--device cuda (make bench-gpu): torch sees no CUDA device here (torch "
+                         f"{torch.__version__}, CUDA {torch.version.cuda}); without a GPU, the dry run is "
+                         "--device cpu --tiny --gpu-recipe")
     s = Settings(device=args.device, backbone=args.backbone or ("resnet18" if cuda else "small_cnn"))
     notes: list[str] = []
+    if cuda or args.gpu_recipe:
+        # what `make bench-gpu` measures: bf16, channels_last, the training split on the device, a whole SimCLR
+        # epoch eager and compiled, and the float32 loop fed by torchvision transforms in DataLoader workers
+        s.precision, s.channels_last, s.epoch, s.epoch_compile, s.cpu_aug = "bf16-mixed", True, True, True, True
+        s.on_device = True
     if cuda:
-        # CIFAR size: 50,000 training images of 32 px (plus 12,500 for the kNN queries), bf16, channels_last
+        # CIFAR size: 50,000 training images of 32 px (plus 12,500 for the kNN queries)
         s.batch, s.image_size, s.data_size, s.steps, s.rounds, s.warmup = 512, 32, 62_500, 10, 5, 5
-        s.precision, s.channels_last, s.epoch = "bf16-mixed", True, True
         s.threads, s.loader_workers = max(1, (os.cpu_count() or 2) // 2), os.cpu_count() or 2
     if args.tiny:
         s.width, s.batch, s.data_size, s.steps, s.rounds, s.warmup = 8, 16, 320, 1, 2, 3
@@ -916,6 +1006,7 @@ def settings_from_args(args: argparse.Namespace) -> tuple[Settings, list[str]]:
         if getattr(args, key) is not None:
             setattr(s, key, getattr(args, key))
     s.compile = args.compile
+    s.on_device = s.on_device or args.on_device
     s.knn, s.audit = not args.no_knn, not args.no_audit
     if args.methods:
         s.methods = tuple(args.methods.split(","))
@@ -951,6 +1042,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lightly", default="auto", help="the Python with lightly installed; 'auto' or 'none'")
     p.add_argument("--compile", action="store_true", help="torch.compile the backbone (framework and bare loop)")
     p.add_argument("--tiny", action="store_true", help="a few tiny steps: checks that the benchmark runs")
+    p.add_argument("--on-device", action="store_true", help="data.on_device=true: the framework and the bare loop "
+                   "read the training split kept on the device (no DataLoader; set by --device cuda)")
+    p.add_argument("--gpu-recipe", action="store_true", help="what --device cuda measures (bf16, channels_last, "
+                   "epoch eager and compiled, the cpu_aug loop) on any device: with --device cpu --tiny, a dry run "
+                   "of make bench-gpu")
+    p.add_argument("--markdown", type=Path, help="write the report as a section of this Markdown file "
+                   "(BENCHMARKS.md), replacing the section an earlier run of the same device kind wrote")
     p.add_argument("--no-knn", action="store_true", help="skip the kNN evaluations")
     p.add_argument("--no-audit", action="store_true", help="skip the host-sync audit of a training step")
     p.add_argument("--out", type=Path, help="also write the report as JSON to this file")
@@ -986,6 +1084,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     print(text)
     if args.out:
         args.out.write_text(text + "\n")
+    if args.markdown:
+        write_markdown_section(args.markdown, markdown_section(report), s.device)
     return report
 
 

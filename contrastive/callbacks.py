@@ -14,7 +14,6 @@ import math
 import os
 import random
 import time
-import uuid
 import warnings
 from pathlib import Path
 from typing import Any
@@ -23,8 +22,9 @@ import lightning as L
 import numpy as np
 import torch
 import torch.distributed as tdist
-from lightning.fabric.plugins.io import TorchCheckpointIO
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback
+
+from contrastive.errors import TrainingDiverged
 
 log = logging.getLogger("contrastive")
 
@@ -38,6 +38,12 @@ class History(Callback):
     def __init__(self) -> None:
         self.records: list[dict[str, float]] = []
         self._validated_epoch = -1
+        self._start = time.perf_counter()
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # wall_s counts on from a resumed run's last record, so time-to-accuracy spans the whole run
+        done = self.records[-1].get("wall_s", 0.0) if self.records else 0.0
+        self._start = time.perf_counter() - done
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking:
@@ -47,7 +53,8 @@ class History(Callback):
         # runs after this epoch's validation (the module has logged its kNN accuracy and diagnostics) and after
         # the epoch's training metrics were reduced; older validation values stay out of the record
         validated = self._validated_epoch == trainer.current_epoch
-        record: dict[str, float] = {"epoch": trainer.current_epoch, "step": trainer.global_step}
+        record: dict[str, float] = {"epoch": trainer.current_epoch, "step": trainer.global_step,
+                                    "wall_s": round(time.perf_counter() - self._start, 2)}
         for key, value in sorted(trainer.callback_metrics.items(), key=lambda kv: not kv[0].endswith("_epoch")):
             if key.endswith("_step") or (not validated and key.split("/", 1)[0] in ("val", "diag")):
                 continue
@@ -72,6 +79,11 @@ class Throughput(Callback):
         self.images = 0
         self._start: float | None = None
         self._batches = 0
+        self.startup_s: float | None = None  # process start to the first training step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.startup_s is None:
+            self.startup_s = process_age()
 
     @staticmethod
     def _sync(module: L.LightningModule) -> None:
@@ -105,45 +117,17 @@ class Throughput(Callback):
         return self.images / self.seconds if self.seconds > 0 else 0.0
 
 
+def process_age() -> float | None:
+    """Seconds since this process started, from the kernel's own clock (Linux; ``None`` elsewhere)."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return round(uptime - start_ticks / os.sysconf("SC_CLK_TCK"), 2)
+
+
 # -- crash-safe checkpoints ------------------------------------------------------------------------------------
-def last_checkpoint(dirpath: str | Path) -> ModelCheckpoint:
-    """Writes ``last.ckpt`` at the end of every epoch. With no monitor the top-1 checkpoint is the latest one; the
-    ``save_last`` option is not used because Lightning 2.6 writes it only together with a top-k checkpoint, so with
-    ``save_top_k=0`` it would appear only when training ends, and a crash would lose the whole run."""
-    return ModelCheckpoint(dirpath=dirpath, filename="last", monitor=None, save_top_k=1, every_n_epochs=1)
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes a checkpoint to a temporary file in the target's folder, fsyncs it, then renames it over the target:
-    a crash or a full disk while saving leaves the previous checkpoint as it was, never a truncated one."""
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
-        if storage_options is not None or "://" in str(path):
-            # remote storage: Lightning's own transaction-based write
-            return super().save_checkpoint(checkpoint, path, storage_options)
-        atomic_torch_save(checkpoint, Path(path))
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    """``torch.save(obj, path)`` that either fully replaces ``path`` or leaves it untouched."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # a hidden name that no `*.ckpt` glob matches; unique per writer
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    # the rename itself is durable only once the folder's entry is on disk
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # -- exact resume: RNG state ------------------------------------------------------------------------------------
@@ -194,25 +178,76 @@ class RNGState(Callback):
         set_rng_state(states[rank % len(states)])
 
 
+# -- overrides on resume ---------------------------------------------------------------------------------------------
+class ResumeSettings(Callback):
+    """Makes a resumed run train with this config's optimiser settings, not the checkpoint's.
+
+    Restoring the optimiser also restores each parameter group's settings (learning rate, weight decay, momentum,
+    betas) and the schedule's base rates, so ``optim.lr=...`` on resume would be recorded in ``config.yaml`` and
+    silently ignored. The groups as this config built them are noted before the checkpoint is restored and written
+    back after it (the optimiser's statistics, such as momentum buffers, stay the checkpoint's); the schedule's
+    current rate is then recomputed at the restored step. With the same config this changes nothing.
+    """
+
+    def __init__(self) -> None:
+        self._fresh: tuple[list, list] | None = None
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.ckpt_path:
+            return
+        groups = [[{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] for opt in trainer.optimizers]
+        self._fresh = groups, [list(c.scheduler.base_lrs) for c in trainer.lr_scheduler_configs]
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._fresh is None:
+            return
+        groups, base_lrs = self._fresh
+        for opt, fresh in zip(trainer.optimizers, groups, strict=True):
+            for group, settings in zip(opt.param_groups, fresh, strict=True):
+                group.update(settings)
+        for config, lrs in zip(trainer.lr_scheduler_configs, base_lrs, strict=True):
+            scheduler = config.scheduler
+            scheduler.base_lrs = list(lrs)
+            if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+                for group, lr, factor in zip(scheduler.optimizer.param_groups, lrs, scheduler.lr_lambdas, strict=True):
+                    group["lr"] = lr * factor(scheduler.last_epoch)
+                scheduler._last_lr = [g["lr"] for g in scheduler.optimizer.param_groups]
+        self._fresh = None
+
+
 # -- divergence ---------------------------------------------------------------------------------------------------
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the message names the step and the likely causes."""
-
-
 class DivergenceGuard(Callback):
-    """Stops the run at a NaN or infinite loss, before a checkpoint is written from that state.
+    """Stops the run at a NaN or infinite loss, or at non-finite weights or buffers, before a checkpoint is written
+    from that state.
 
     Each step records, on the device, the first step whose loss was not finite; the host reads that record every
     ``check_every`` steps, before validation, at the end of each epoch and before any checkpoint is dumped, so the
-    last good ``last.ckpt`` is never overwritten by a diverged model. Processes agree by a min-reduction.
+    last good ``last.ckpt`` is never overwritten by a diverged model. Processes agree by a min-reduction. Before a
+    checkpoint is dumped every floating tensor of the model (BatchNorm statistics, queue, bank included) must also be
+    finite: a huge learning rate can blow up a running variance while the loss stays finite.
+
+    ``saved`` describes the last checkpoint this run wrote into ``folder`` (epoch, step, and the embedding spread
+    when it looked collapsed), for the messages of a stopped or diverged run.
     """
 
     NONE = torch.iinfo(torch.int64).max
 
-    def __init__(self, check_every: int = 50) -> None:
+    def __init__(self, check_every: int = 50, folder: str | Path | None = None, resumed_from: str | None = None,
+                 collapse_ratio: float = 0.02) -> None:
         self.check_every = max(int(check_every), 1)
+        self.folder = Path(folder) if folder is not None else None
+        self.resumed_from = resumed_from
+        self.collapse_ratio = collapse_ratio
+        self.saved: dict[str, Any] | None = None
+        self._unset: set[str] = set()
         self._first_bad: torch.Tensor | None = None
         self._step = 0
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        # buffers that start all-NaN mark a value not yet set (the NCE normaliser before its first batch); such a
+        # buffer still all-NaN is not a diverged one
+        self._unset = {name for name, t in pl_module.named_buffers()
+                       if t.is_floating_point() and t.numel() > 0 and bool(torch.isnan(t).all())}
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._step = trainer.global_step
@@ -237,6 +272,20 @@ class DivergenceGuard(Callback):
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
         self._check(trainer, pl_module)
+        bad = [name for name, t in pl_module.state_dict().items()
+               if t.is_floating_point() and not bool(torch.isfinite(t).all())
+               and not (name in self._unset and bool(torch.isnan(t).all()))]
+        flag = torch.tensor(float(bool(bad)), device=pl_module.device)
+        if float(trainer.strategy.reduce(flag, reduce_op="max")) > 0:
+            shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "") or "on another process"
+            raise TrainingDiverged(self.message(
+                trainer, pl_module, trainer.global_step,
+                what=f"model tensors are not finite ({shown}) at the end of epoch {trainer.current_epoch}"))
+        std = trainer.callback_metrics.get("diag/embedding_std")
+        spread = 1 / math.sqrt(pl_module.cfg.method.proj_out_dim)
+        collapsed = std is not None and float(std) < self.collapse_ratio * spread
+        self.saved = {"epoch": trainer.current_epoch, "step": trainer.global_step,
+                      "collapsed_std": float(std) if collapsed else None}
 
     def _check(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._first_bad is None:
@@ -245,21 +294,34 @@ class DivergenceGuard(Callback):
         if step != self.NONE:
             raise TrainingDiverged(self.message(trainer, pl_module, step))
 
-    @staticmethod
-    def message(trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> str:
+    def kept(self) -> str:
+        """What holds the run now: this run's last checkpoint (and whether it is a good one), or the checkpoint it
+        resumed from."""
+        if self.saved is not None:
+            path = (self.folder / "last.ckpt") if self.folder else "last.ckpt"
+            where = f"{path} (end of epoch {self.saved['epoch']}, step {self.saved['step']})"
+            if self.saved["collapsed_std"] is None:
+                return f"the last good checkpoint {where} was kept"
+            return (f"the last checkpoint {where} was kept, but it is no good one to resume from: its embeddings had "
+                    f"collapsed (diag/embedding_std={self.saved['collapsed_std']:.2e})")
+        where = f" in {self.folder}" if self.folder else ""
+        if self.resumed_from:
+            return (f"no checkpoint had been written in {self.folder} yet; this run resumed from {self.resumed_from}, "
+                    "which is unchanged")
+        return f"no checkpoint had been written{where} yet"
+
+    def message(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int, what: str = "") -> str:
         cfg = pl_module.cfg
-        last = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        kept = (f"the last good checkpoint {last} was kept" if last and os.path.exists(last)
-                else "no checkpoint had been written yet")
+        kept = self.kept()
         causes = [(f"a learning rate too high (optim.lr={cfg.optim.lr}; try it 10x lower, or a longer "
                    f"optim.warmup_epochs than {cfg.optim.warmup_epochs})"),
                   f"a temperature too low (method.temperature={cfg.method.temperature})"]
         if str(trainer.precision) not in ("32-true", "64-true"):
             causes.append(f"reduced precision overflowing (trainer.precision={trainer.precision}; try bf16-mixed "
                           "or 32-true)")
-        return (f"training diverged: the loss became NaN or infinite at step {step} (epoch {trainer.current_epoch}); "
-                f"stopped without saving the diverged model ({kept}). Likely causes: {', '.join(causes[:-1])} or "
-                f"{causes[-1]}.")
+        what = what or f"the loss became NaN or infinite at step {step} (epoch {trainer.current_epoch})"
+        return (f"training diverged: {what}; stopped without saving the diverged model ({kept}). Likely causes: "
+                f"{', '.join(causes[:-1])} or {causes[-1]}.")
 
 
 # -- collapse -------------------------------------------------------------------------------------------------------
@@ -327,35 +389,5 @@ class CollapseWatch(Callback):
 
 
 # -- checkpoints on disk: what they hold, which one to resume -----------------------------------------------------
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """The checkpoint's contents, memory-mapped (cheap to open for its metadata); raises ``ValueError`` naming the
-    file if it cannot be read."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # torch.load raises many kinds of error for a damaged file
-        raise ValueError(f"{path} cannot be read as a checkpoint ({type(err).__name__}: {err}); it is truncated, "
-                         "damaged or not a checkpoint") from err
 
 
-def checkpoint_method(checkpoint: dict[str, Any]) -> str | None:
-    """``method.name`` the checkpoint was trained with (from its saved hyper-parameters)."""
-    return checkpoint.get("hyper_parameters", {}).get("cfg", {}).get("method", {}).get("name")
-
-
-def find_resume_checkpoint(folder: str | Path, method: str) -> tuple[Path | None, str]:
-    """The newest readable ``*.ckpt`` in ``folder`` trained with ``method``, and a line saying what was found."""
-    folder = Path(folder)
-    paths = list(folder.glob("*.ckpt")) if folder.is_dir() else []
-    candidates = sorted(paths, key=lambda p: p.stat().st_mtime, reverse=True)
-    skipped = []
-    for path in candidates:
-        try:
-            found = checkpoint_method(read_checkpoint(path))
-        except ValueError:
-            skipped.append(f"{path.name} (unreadable)")
-            continue
-        if found == method:
-            return path, f"resume=auto: resuming from {path}"
-        skipped.append(f"{path.name} (method {found})")
-    why = f"; skipped {', '.join(skipped)}" if skipped else ""
-    return None, f"resume=auto: no {method} checkpoint in {folder}{why}; starting a fresh run"

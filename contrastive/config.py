@@ -6,15 +6,17 @@ before any training starts, and names the offending key.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
 
-import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
+
+from contrastive.errors import ConfigError
 
 
 @dataclass
@@ -36,6 +38,10 @@ class DataConfig:
     size: int = 2048
     subset: Optional[str] = None
     load_size: int = 0
+    crops: str = "stored"           # full (imagefolder): training crops cut from each whole image (contrastive.data.crops)
+    eval_crop: float = 1.0          # central fraction of each side kept for evaluation (0.875: Resize 256 + Crop 224)
+    file: Optional[str] = None      # npz only: the archive, relative to data.root unless absolute
+    on_device: bool = False         # in-memory sets: the training split on the device, no DataLoader (datamodule.py)
 
 
 @dataclass
@@ -51,6 +57,7 @@ class JitterConfig:
     contrast: float = 0.4
     saturation: float = 0.4
     hue: float = 0.1
+    random_order: bool = False      # the four ops in an order drawn per image (torchvision, SimCLR)
 
 
 @dataclass
@@ -74,6 +81,7 @@ class AugmentConfig:
     translate: float = 0.0
     color_jitter: JitterConfig = field(default_factory=JitterConfig)
     grayscale: float = 0.2
+    grayscale_first: bool = False   # grey before the jitter (InstDisc, MoCo v1) instead of after (SimCLR, MoCo v2)
     blur: BlurConfig = field(default_factory=BlurConfig)
     solarize: float = 0.0
     noise: float = 0.0
@@ -102,6 +110,8 @@ class MethodConfig:
     proj_hidden_dim: int = 512
     proj_out_dim: int = 128
     proj_layers: int = 2
+    proj_batch_norm: bool = True    # BN after each hidden layer of the head (MoCo v2's official head has none)
+    proj_final_bn: bool = False     # BN (scale, no offset) after the last layer, as SimCLR's official head
     probe_size: int = 256
 
 
@@ -122,6 +132,8 @@ class InstanceConfig(MethodConfig):
     num_negatives: Optional[int] = None
     bank_momentum: float = 0.5
     bank_init: str = "encoder"
+    nce_z: str = "random_start"     # loss=nce: Z against the paper's random bank (random_start) or the bank (first_batch)
+    joint_views: bool = False       # both views through the encoder in one batch (BN over 2N), as SimCLR's code
 
 
 @dataclass
@@ -141,11 +153,15 @@ class OptimConfig:
     weight_decay: float = 5e-4
     momentum: float = 0.9
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
-    lars_eta: float = 0.02
+    lars_eta: float = 0.001         # trust coefficient (SimCLR, SwAV); solo-learn's 0.02 goes with lars_clip
+    lars_variant: str = "simclr"    # simclr (SimCLR's LARS) or larc (apex LARC around SGD, as SwAV)
+    lars_clip: bool = False         # LARC's clipping: the layer's rate is min(trust ratio, lr)
     scale_lr: bool = True
     exclude_norm_bias: bool = True
     warmup_epochs: float = 1.0
     scheduler: str = "cosine"
+    milestones: List[float] = field(default_factory=list)   # scheduler=step: epochs where the rate drops
+    step_gamma: float = 0.1
     min_lr_ratio: float = 0.0
     probe_lr: float = 0.1
 
@@ -188,6 +204,7 @@ class EvalConfig:
     final: bool = True
     init: bool = True
     pixels: bool = True
+    stages: bool = False   # probe every encoder stage at the end (kNN, few-shot linear): later stages serve better?
 
 
 @dataclass
@@ -219,18 +236,16 @@ class Config:
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
-    cs.store(group="method", name="instance_schema", node=InstanceConfig)
-    cs.store(group="method", name="swav_schema", node=SwAVConfig)
-    cs.store(group="backbone", name="schema", node=BackboneConfig)
-    cs.store(group="data", name="schema", node=DataConfig)
-    cs.store(group="augment", name="schema", node=AugmentConfig)
-    cs.store(group="optim", name="schema", node=OptimConfig)
-    cs.store(group="trainer", name="schema", node=TrainerConfig)
-    cs.store(group="logger", name="schema", node=LoggerConfig)
-
-
-class ConfigError(ValueError):
-    """A config value that cannot work; the message names the key and what is allowed."""
+    # the typed schemas live outside the user-facing groups, so that Hydra never offers them as options
+    # (`method=instance_schema`); each preset extends its group's with `defaults: [/schema/<group>@_here_, _self_]`
+    cs.store(group="schema", name="method_instance", node=InstanceConfig)
+    cs.store(group="schema", name="method_swav", node=SwAVConfig)
+    cs.store(group="schema", name="backbone", node=BackboneConfig)
+    cs.store(group="schema", name="data", node=DataConfig)
+    cs.store(group="schema", name="augment", node=AugmentConfig)
+    cs.store(group="schema", name="optim", node=OptimConfig)
+    cs.store(group="schema", name="trainer", node=TrainerConfig)
+    cs.store(group="schema", name="logger", node=LoggerConfig)
 
 
 class ConfigWarning(UserWarning):
@@ -241,7 +256,8 @@ INSTANCE_METHODS = ("simclr", "memory_bank", "moco")
 KEY_ENCODERS = ("shared", "momentum")
 NEGATIVE_SOURCES = ("batch", "bank", "queue")
 BANK_INITS = ("random", "encoder")
-LOGGERS = ("csv", "wandb", "none")
+NCE_Z = ("random_start", "first_batch")
+LOGGERS = ("csv", "tensorboard", "wandb", "none")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
 PRECISIONS = ("32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true", "transformer-engine",
               "transformer-engine-float16", "32", "16", "bf16", "64")
@@ -255,10 +271,11 @@ def _require(condition: bool, message: str) -> None:
 def validate(cfg: Any, world_size: int = 1) -> None:
     """Checks that need no data: names, signs, the shape constraints between keys, the devices asked for, and the
     checkpoint to resume from."""
+    from contrastive.data.crops import CROP_SOURCES
     from contrastive.data.datasets import LOADERS
     from contrastive.methods import METHODS
     from contrastive.models import BACKBONES
-    from contrastive.optim import OPTIMIZERS, SCHEDULES
+    from contrastive.optim import LARS_VARIANTS, OPTIMIZERS, SCHEDULES
 
     m = cfg.method
     _require(m.name in METHODS, f"method.name={m.name!r} is not known; choose one of {', '.join(sorted(METHODS))}")
@@ -272,6 +289,10 @@ def validate(cfg: Any, world_size: int = 1) -> None:
     _require(cfg.optim.name in OPTIMIZERS, f"optim.name={cfg.optim.name!r} is not known; choose one of {', '.join(OPTIMIZERS)}")
     _require(cfg.optim.scheduler in SCHEDULES,
              f"optim.scheduler={cfg.optim.scheduler!r} is not known; choose one of {', '.join(SCHEDULES)}")
+    _require(cfg.optim.scheduler != "step" or len(cfg.optim.milestones) > 0,
+             "optim.scheduler=step needs optim.milestones (the epochs at which the rate drops), e.g. [120, 160]")
+    _require(cfg.optim.lars_variant in LARS_VARIANTS,
+             f"optim.lars_variant={cfg.optim.lars_variant!r} is not known; choose one of {', '.join(LARS_VARIANTS)}")
     _require(cfg.logger.name in LOGGERS, f"logger.name={cfg.logger.name!r} is not known; choose one of {', '.join(LOGGERS)}")
     _require(str(cfg.trainer.precision) in PRECISIONS,
              f"trainer.precision={cfg.trainer.precision!r} is not known; choose one of {', '.join(PRECISIONS[:6])}")
@@ -288,7 +309,16 @@ def validate(cfg: Any, world_size: int = 1) -> None:
     _require(cfg.trainer.max_epochs > 0 or cfg.trainer.max_steps > 0,
              f"trainer.max_epochs={cfg.trainer.max_epochs} must be > 0 (or set trainer.max_steps > 0)")
     _require(m.num_views >= 1, f"method.num_views={m.num_views} must be >= 1")
+    _check_at_least(cfg)
+    validate_eval(cfg.eval)
+    _check_known_keys(cfg)
     _check_crops(cfg)
+    _require(cfg.data.crops in CROP_SOURCES, f"data.crops={cfg.data.crops!r}; choose one of {', '.join(CROP_SOURCES)}")
+    _require(cfg.data.crops == "stored" or cfg.data.name == "imagefolder",
+             f"data.crops=full cuts views from image files at their own resolution: only data=imagefolder has them, "
+             f"not data.name={cfg.data.name!r}; use data.crops=stored")
+    _require(0 < cfg.data.eval_crop <= 1,
+             f"data.eval_crop={cfg.data.eval_crop} must be in (0, 1] (the central fraction of each side kept)")
     _check_devices(cfg.trainer)
     global_batch = cfg.data.batch_size * world_size
     if m.name in INSTANCE_METHODS:
@@ -303,6 +333,7 @@ def validate(cfg: Any, world_size: int = 1) -> None:
         _require(0 <= m.momentum <= 1, f"method.momentum={m.momentum} must be in [0, 1]")
         _require(0 <= m.bank_momentum < 1, f"method.bank_momentum={m.bank_momentum} must be in [0, 1)")
         _require(m.bank_init in BANK_INITS, f"method.bank_init={m.bank_init!r}; choose one of {', '.join(BANK_INITS)}")
+        _require(m.nce_z in NCE_Z, f"method.nce_z={m.nce_z!r}; choose one of {', '.join(NCE_Z)}")
         if m.negatives == "queue":
             _require(m.queue_size > 0 and m.queue_size % global_batch == 0,
                      f"method.queue_size={m.queue_size} must be a positive multiple of the global batch "
@@ -310,7 +341,7 @@ def validate(cfg: Any, world_size: int = 1) -> None:
         if m.num_negatives is not None:
             _require(m.num_negatives > 0, f"method.num_negatives={m.num_negatives} must be > 0")
     if cfg.ckpt_path:
-        _check_checkpoint(str(cfg.ckpt_path), m.name)
+        check_resume(cfg, str(cfg.ckpt_path))
 
 
 def validate_with_data(cfg: Any, num_train: int, world_size: int = 1) -> None:
@@ -366,6 +397,8 @@ def _check_devices(trainer: Any) -> None:
         requested = requested_devices(trainer.devices)
     except (TypeError, ValueError):
         raise ConfigError(f"trainer.devices={trainer.devices!r}: give a count, a list of indices, -1 or auto") from None
+    import torch  # here, not at the top: `--help` and the config checks answer without loading torch
+
     if accelerator in ("gpu", "cuda"):
         _require(torch.cuda.is_available(), f"trainer.accelerator={accelerator} but no CUDA GPU is available here; "
                  "use trainer.accelerator=cpu (or auto)")
@@ -383,17 +416,110 @@ def _check_devices(trainer: Any) -> None:
                  f"(this machine has {available} {kind})")
 
 
-def _check_checkpoint(path: str, method: str) -> None:
-    """The checkpoint exists, can be read and was trained with the same method."""
-    from contrastive.callbacks import checkpoint_method, read_checkpoint
+# keys a resumed run cannot honour: another optimiser (or other parameter groups) cannot take the saved optimiser
+# state, and the random streams continue from the checkpoint whatever the seed
+NOT_APPLIED_ON_RESUME = ("optim.exclude_norm_bias", "seed")
+
+
+def check_resume(cfg: Any, path: str) -> None:
+    """The checkpoint exists, can be read (checksums verified, no pickled code), was trained with the same method
+    and optimiser, and differs from this config only in keys a resumed run applies. Everything else in the config
+    applies on resume: the model and data are built from it, and ``ResumeSettings`` re-applies the optimiser's
+    settings (learning rate, weight decay, momentum, schedule) over the checkpoint's."""
+    from contrastive.checkpoints import checkpoint_method, read_checkpoint
 
     file = Path(path).expanduser()
     where = f"ckpt_path={path!r}" + ("" if file.is_absolute() else f" ({file.resolve()})")
     _require(file.is_file(), f"{where} does not exist; give the path of a .ckpt file (e.g. <run>/checkpoints/last.ckpt)"
              " or resume=auto")
     try:
-        found = checkpoint_method(read_checkpoint(file))
+        checkpoint = read_checkpoint(file)
     except ValueError as err:
         raise ConfigError(f"{where}: {err}") from None
+    found, method = checkpoint_method(checkpoint), cfg.method.name
     _require(found == method, f"{where} was trained with method.name={found!r}, not {method!r}: resume it with "
              f"method={found}, or drop ckpt_path to start {method} afresh")
+    saved = checkpoint.get("hyper_parameters", {}).get("cfg", {})
+    optim = saved.get("optim", {}).get("name")
+    _require(optim in (None, cfg.optim.name),
+             f"optim.name={cfg.optim.name}: {where} was trained with optim.name={optim!r}, whose state cannot be "
+             f"loaded into another optimiser: resume it with optim={optim}, or drop ckpt_path to start afresh")
+    differ = []
+    for key in NOT_APPLIED_ON_RESUME:
+        before, now = _get(saved, key), _get(cfg, key)
+        if before is not _ABSENT and before != now:
+            differ.append(f"{key} (checkpoint {before}, now {now})")
+    _require(not differ, f"{where}: these keys differ from the checkpoint's config and cannot be applied on resume: "
+             f"{', '.join(differ)}; resume with the checkpoint's values (its run folder's config.yaml), or drop "
+             "ckpt_path to start afresh")
+
+
+_ABSENT = object()
+
+
+def _get(node: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not hasattr(node, "get"):
+            return _ABSENT
+        node = node.get(part, _ABSENT)
+        if node is _ABSENT:
+            return _ABSENT
+    return node
+
+
+def _check_at_least(cfg: Any) -> None:
+    """Counts and sizes that must be positive (or not negative): each would otherwise fail later, in a
+    traceback from deep inside the model or the loader."""
+    m, b = cfg.method, cfg.backbone
+    checks = [("method.proj_layers", m.proj_layers, 1), ("method.proj_hidden_dim", m.proj_hidden_dim, 1),
+              ("method.proj_out_dim", m.proj_out_dim, 1), ("method.probe_size", m.probe_size, 1),
+              ("method.num_small_views", m.num_small_views, 0), ("backbone.width", b.width, 1),
+              ("backbone.depth", b.depth, 1), ("data.num_workers", cfg.data.num_workers, 0),
+              ("trainer.log_every_n_steps", cfg.trainer.log_every_n_steps, 1),
+              ("trainer.check_val_every_n_epoch", cfg.trainer.check_val_every_n_epoch, 1),
+              ("trainer.accumulate_grad_batches", cfg.trainer.accumulate_grad_batches, 1)]
+    if m.name == "swav":
+        checks += [("method.num_prototypes", m.num_prototypes, 1),
+                   ("method.sinkhorn_iterations", m.sinkhorn_iterations, 1)]
+    for key, value, least in checks:
+        _require(value >= least, f"{key}={value} must be >= {least}")
+    o = cfg.optim
+    _require(o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay} must be >= 0")
+    _require(o.warmup_epochs >= 0, f"optim.warmup_epochs={o.warmup_epochs} must be >= 0")
+    _require(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
+    _require(o.probe_lr > 0, f"optim.probe_lr={o.probe_lr} must be > 0")
+
+
+def validate_eval(e: Any) -> None:
+    """The evaluation keys (``eval.*``), shared by training and ``python -m contrastive.evaluate``."""
+    _require(e.knn_k >= 1, f"eval.knn_k={e.knn_k} must be >= 1")
+    _require(e.knn_temperature > 0, f"eval.knn_temperature={e.knn_temperature} must be > 0")
+    _require(e.fewshot_seeds >= 1, f"eval.fewshot_seeds={e.fewshot_seeds} must be >= 1")
+    _require(all(shots >= 1 for shots in e.shots), f"eval.shots={list(e.shots)}: each must be >= 1")
+    _require(e.linear_epochs >= 0, f"eval.linear_epochs={e.linear_epochs} must be >= 0 (0: no offline linear probe)")
+
+
+def _check_known_keys(cfg: Any) -> None:
+    """Keys added with ``+`` under a typed group (``+method.temprature=0.1``, Hydra's own suggestion for a key it
+    does not know) would be carried along and never read: refused, with the closest known key."""
+    import difflib
+
+    from omegaconf import DictConfig, OmegaConf
+
+    def walk(node: Any, prefix: str) -> None:
+        kind = OmegaConf.get_type(node)
+        if not dataclasses.is_dataclass(kind):
+            return
+        fields = {f.name for f in dataclasses.fields(kind)}
+        for key in list(node):
+            full = f"{prefix}{key}"
+            if key not in fields:
+                close = difflib.get_close_matches(str(key), sorted(fields), n=1)
+                hint = f"; did you mean {prefix}{close[0]}?" if close else ""
+                group = prefix.rstrip(".") or "the config"
+                raise ConfigError(f"{full} is not a key of {group}{hint} (keys added with + are not read)")
+            child = node._get_node(key)
+            if isinstance(child, DictConfig) and not child._is_missing() and not child._is_none():
+                walk(child, f"{full}.")
+
+    walk(cfg, "")

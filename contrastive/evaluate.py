@@ -69,27 +69,24 @@ def evaluate_encoder(encoder: nn.Module, transform: nn.Module, datamodule, cfg: 
 
 def evaluate_checkpoint(ckpt: str | Path, overrides: dict | None = None) -> dict[str, float]:
     """Rebuild the model and data of a checkpoint from the config stored in it, and evaluate the backbone."""
+    from contrastive.checkpoints import read_checkpoint
     from contrastive.data.datamodule import ContrastiveDataModule
     from contrastive.methods import method_class
 
     path = Path(str(ckpt))
     if not path.is_file():
         raise FileNotFoundError(f"ckpt={str(path)!r} does not exist")
+    # tensors and plain values only, checksums verified: a crafted file cannot run code here
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # pickle, zip and torch each raise their own error for a file that is no checkpoint
-        raise ValueError(f"ckpt={str(path)!r} is not a contrastive checkpoint (torch.load failed: {err})") from err
+        state = read_checkpoint(path)
+    except ValueError as err:
+        raise ValueError(f"ckpt={str(path)!r} is not a contrastive checkpoint: {err}") from None
     hparams = state.get("hyper_parameters") if isinstance(state, dict) else None
     if not isinstance(hparams, dict) or "cfg" not in hparams or "state_dict" not in state:
         raise ValueError(f"ckpt={str(path)!r} is not a contrastive checkpoint (no config inside)")
     cfg = OmegaConf.create(hparams["cfg"])
     if overrides:
-        OmegaConf.set_struct(cfg, True)  # a mistyped key fails instead of being silently ignored
-        try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.create(overrides))
-        except OmegaConfBaseException as err:
-            raise ValueError(f"override not applicable to the checkpoint's config: {err}") from err
-        OmegaConf.set_struct(cfg, False)
+        cfg = _apply_overrides(cfg, overrides)
     model = method_class(cfg.method.name)(cfg, hparams["num_train"])
     model.load_state_dict(state["state_dict"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -98,6 +95,31 @@ def evaluate_checkpoint(ckpt: str | Path, overrides: dict | None = None) -> dict
     dm.setup("fit")
     metrics = evaluate_encoder(model.backbone, model.eval_transform, dm, cfg.eval, device)
     return {"method": cfg.method.name, "data": cfg.data.name, "ckpt": str(path), **metrics}
+
+
+def _apply_overrides(cfg: DictConfig, overrides: dict) -> DictConfig:
+    """The checkpoint's config with ``overrides`` merged in: unknown keys and values of the wrong type are refused
+    against the typed schema, and the evaluation keys are checked, before any work starts."""
+    from contrastive import config as schema
+
+    groups = {"eval": schema.EvalConfig, "data": schema.DataConfig, "perf": schema.PerfConfig}
+    OmegaConf.set_struct(cfg, True)  # a mistyped key fails instead of being silently ignored
+    try:
+        cfg = OmegaConf.merge(cfg, OmegaConf.create(overrides))
+        for group in overrides:
+            if group in groups:  # the typed schema refuses a value of the wrong type (eval.linear_epochs=abc)
+                try:
+                    cfg[group] = OmegaConf.merge(OmegaConf.structured(groups[group]), cfg[group])
+                except OmegaConfBaseException as err:
+                    raise ValueError(f"{group}.{err.full_key}: {err.msg}") from None
+    except OmegaConfBaseException as err:
+        raise ValueError(f"override not applicable to the checkpoint's config: {err}") from err
+    OmegaConf.set_struct(cfg, False)
+    try:
+        schema.validate_eval(cfg.eval)
+    except schema.ConfigError as err:
+        raise ValueError(str(err)) from None
+    return cfg
 
 
 def main(argv: list[str] | None = None) -> int:

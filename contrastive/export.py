@@ -68,7 +68,7 @@ def build_from_spec(spec: dict[str, Any]) -> nn.Module:
 
 def backbone_state(ckpt: str | Path, encoder: str = "query") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The backbone's ``state_dict`` from a training checkpoint (read without unpickling code), and its spec."""
-    from contrastive.callbacks import read_checkpoint
+    from contrastive.checkpoints import read_checkpoint
 
     path = Path(ckpt)
     if not path.is_file():
@@ -90,7 +90,7 @@ def backbone_state(ckpt: str | Path, encoder: str = "query") -> tuple[dict[str, 
 def export_backbone(ckpt: str | Path, out: str | Path | None = None, encoder: str = "query") -> Path:
     """Write the backbone of ``ckpt`` to ``out`` (default: beside the checkpoint, ``<name>.backbone.pt``) and its
     spec to ``out.json``; the written state_dict is checked to load strictly into the spec's constructor."""
-    from contrastive.callbacks import atomic_torch_save
+    from contrastive.checkpoints import atomic_torch_save
 
     weights, spec = backbone_state(ckpt, encoder)
     build_from_spec(spec).load_state_dict(weights, strict=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from omegaconf import DictConfig
@@ -10,40 +11,68 @@ from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 
 OPTIMIZERS = ("sgd", "adamw", "lars")
-SCHEDULES = ("cosine", "constant")
+SCHEDULES = ("cosine", "constant", "step")
+
+
+LARS_VARIANTS = ("simclr", "larc")
 
 
 class LARS(torch.optim.Optimizer):
-    """SGD with momentum and layer-wise adaptive rate scaling (You et al. 2017), as SimCLR trains large batches.
+    """SGD with momentum and layer-wise adaptive rate scaling (You et al. 2017), in the two forms the papers ran.
 
-    Each parameter's decayed gradient ``d = g + wd * w`` is scaled by ``eta * ||w|| / ||d||`` (1 where either norm
-    is 0); groups with ``lars_exclude`` (norm layers and biases) take plain SGD steps.
+    ``variant="simclr"`` (SimCLR's official optimiser, the default): ``d = g + wd * w``, trust ratio
+    ``r = eta * ||w|| / ||d||``, and the rate enters the momentum: ``v <- m * v + lr * r * d``, ``w <- w - v``.
+    ``variant="larc"`` (NVIDIA apex's LARC around SGD, as SwAV and solo-learn run it): ``r = eta * ||w|| /
+    (||g|| + wd * ||w|| + eps)``, ``v <- m * v + r * d``, ``w <- w - lr * v``. The two agree step for step while
+    the rate is constant, up to the denominator.
+
+    ``clip=False`` (both papers): the layer's rate is ``lr * r``. ``clip=True`` (LARC's clipping mode, solo-learn's
+    default, which pairs it with eta 0.02): the layer's rate is ``min(r, lr)``, i.e. ``r`` is itself the local rate,
+    capped by the schedule's. ``r`` is 1 where either norm is 0. Groups with ``lars_exclude`` (norm layers and
+    biases, as SimCLR excludes them) take plain SGD steps.
     """
 
-    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, eta: float = 0.02):
-        defaults = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "eta": eta, "lars_exclude": False}
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, eta: float = 0.001,
+                 variant: str = "simclr", clip: bool = False, eps: float = 1e-8):
+        if variant not in LARS_VARIANTS:
+            raise ValueError(f"optim.lars_variant={variant!r} is not known; choose one of {', '.join(LARS_VARIANTS)}")
+        defaults = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "eta": eta, "lars_exclude": False,
+                    "variant": variant, "clip": clip, "eps": eps}
         super().__init__(params, defaults)
 
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure() if closure is not None else None
         for group in self.param_groups:
+            lr, wd, larc = group["lr"], group["weight_decay"], group["variant"] == "larc"
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                grad = p.grad
-                if group["weight_decay"]:
-                    grad = grad.add(p, alpha=group["weight_decay"])
-                if not group["lars_exclude"]:
-                    w_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(grad)
-                    trust = torch.where((w_norm > 0) & (g_norm > 0), group["eta"] * w_norm / g_norm, torch.ones_like(w_norm))
-                    grad = grad.mul(trust)
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = grad.clone()
+                grad = p.grad.add(p, alpha=wd) if wd else p.grad
+                if group["lars_exclude"]:
+                    factor = torch.full((), 1.0 if larc else lr, dtype=p.dtype, device=p.device)
                 else:
-                    state["momentum_buffer"].mul_(group["momentum"]).add_(grad)
-                p.add_(state["momentum_buffer"], alpha=-group["lr"])
+                    w_norm = torch.linalg.vector_norm(p)
+                    if larc:
+                        g_norm = torch.linalg.vector_norm(p.grad)
+                        denominator = g_norm + wd * w_norm + group["eps"]
+                    else:
+                        g_norm = torch.linalg.vector_norm(grad)
+                        denominator = g_norm
+                    # tensors throughout: a Python comparison would sync with the GPU for every parameter
+                    trust = torch.where((w_norm > 0) & (g_norm > 0), group["eta"] * w_norm / denominator,
+                                        torch.ones_like(w_norm))
+                    if larc:  # the factor on the gradient; SGD multiplies by lr below
+                        factor = (trust / lr).clamp(max=1.0) if group["clip"] and lr > 0 else trust
+                    else:  # the layer's rate itself, inside the momentum
+                        factor = trust.clamp(max=lr) if group["clip"] else lr * trust
+                state = self.state[p]
+                scaled = grad * factor
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = scaled.clone()
+                else:
+                    state["momentum_buffer"].mul_(group["momentum"]).add_(scaled)
+                p.add_(state["momentum_buffer"], alpha=-lr if larc else -1.0)
         return loss
 
 
@@ -73,23 +102,29 @@ def build_optimizer(
             g.pop("lars_exclude", None)
         return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas))
     if cfg.name == "lars":
-        return LARS(groups, lr=lr, momentum=cfg.momentum, eta=cfg.lars_eta)
+        return LARS(groups, lr=lr, momentum=cfg.momentum, eta=cfg.lars_eta, variant=cfg.get("lars_variant", "simclr"),
+                    clip=cfg.get("lars_clip", False))
     raise ValueError(f"optim.name={cfg.name!r} is not known; choose one of {', '.join(OPTIMIZERS)}")
 
 
 def warmup_cosine(
     optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, min_ratio: float = 0.0,
-    kind: str = "cosine",
+    kind: str = "cosine", milestones: Sequence[int] = (), gamma: float = 0.1,
 ) -> LambdaLR:
-    """Linear warmup to the base rate, then cosine decay to ``min_ratio`` of it (``kind='constant'``: flat)."""
+    """Linear warmup to the base rate, then cosine decay to ``min_ratio`` of it (``kind='constant'``: flat;
+    ``kind='step'``: times ``gamma`` at each of the ``milestones`` steps, as InstDisc and MoCo v1 train)."""
     if kind not in SCHEDULES:
         raise ValueError(f"optim.scheduler={kind!r} is not known; choose one of {', '.join(SCHEDULES)}")
+    if kind == "step" and not milestones:
+        raise ValueError("optim.scheduler=step needs optim.milestones (epochs at which the rate drops)")
 
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
         if kind == "constant":
             return 1.0
+        if kind == "step":
+            return gamma ** sum(step >= m for m in milestones)
         progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 

@@ -219,3 +219,71 @@ def test_tiny_run_on_the_gpu(tmp_path):
     for method in bench.METHODS:
         sites = report["results"][method]["sync_sites"]
         assert not [site for site in sites if "contrastive/methods/" in site or "lightning/" in site], (method, sites)
+
+
+# -- make bench-gpu: its report section and its CPU dry run ------------------------------------------------------
+def test_markdown_section_replaces_the_earlier_run_of_its_device_only(tmp_path):
+    path = tmp_path / "BENCHMARKS.md"
+    path.write_text("# Benchmarks\n\nintro\n")
+    first, second = (f"{bench.SECTION_BEGIN.format(device='cuda')}\n## GPU run {i}\n"
+                     f"{bench.SECTION_END.format(device='cuda')}\n" for i in (1, 2))
+    cpu = f"{bench.SECTION_BEGIN.format(device='cpu')}\n## CPU run\n{bench.SECTION_END.format(device='cpu')}\n"
+    bench.write_markdown_section(path, first, "cuda")
+    bench.write_markdown_section(path, cpu, "cpu")
+    path.write_text(path.read_text() + "\n## Later text\n")
+    bench.write_markdown_section(path, second, "cuda")
+    text = path.read_text()
+    assert text == f"# Benchmarks\n\nintro\n\n{second}\n{cpu}\n## Later text\n"
+
+
+def test_bench_gpu_without_a_gpu_says_so_before_starting_anything(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(bench, "run", lambda s: pytest.fail("workers started"))
+    with pytest.raises(SystemExit, match="no CUDA device .* --device cpu --tiny --gpu-recipe"):
+        bench.main(bench_gpu_recipe())
+
+
+def bench_gpu_recipe() -> list[str]:
+    """The arguments of `make bench-gpu`'s command, read from the Makefile."""
+    lines = (ROOT / "Makefile").read_text().splitlines()
+    recipe = lines[lines.index("bench-gpu:") + 1].split()
+    assert recipe[:3] == ["$(PYTHON)", "-m", "contrastive.bench"]
+    return recipe[3:]
+
+
+@pytest.mark.slow
+def test_bench_gpu_dry_run_on_the_cpu(tmp_path):
+    """`make bench-gpu`'s command with --device cpu, tiny sizes and the GPU recipe: everything it measures is
+    there, and its section lands in (a copy of) BENCHMARKS.md."""
+    args = bench_gpu_recipe()
+    assert args[args.index("--device") + 1] == "cuda" and args[args.index("--markdown") + 1] == "BENCHMARKS.md"
+    args[args.index("--device") + 1] = "cpu"
+    markdown = tmp_path / "BENCHMARKS.md"
+    markdown.write_text((ROOT / "BENCHMARKS.md").read_text())
+    args[args.index("--markdown") + 1] = str(markdown)
+    out = tmp_path / "report.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "contrastive.bench", *args, "--tiny", "--gpu-recipe", "--out", str(out)],
+        cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, check=False, timeout=1200,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    s, results, ratios = report["settings"], report["results"], report["ratios"]
+    assert s["precision"] == "bf16-mixed" and s["channels_last"] and s["epoch"] and s["epoch_compile"]
+    assert s["on_device"]
+    assert list(results) == [*bench.METHODS, "swav_2crop", "bare", "cpu_aug"]
+    simclr = results["simclr"]
+    for prefix in ("", "compiled_"):
+        assert simclr[f"{prefix}epoch_s"] > 0 and simclr[f"{prefix}epoch_peak_mem_mb"] > 0
+        # the whole training split in full batches
+        assert simclr[f"{prefix}epoch_images"] == s["train_images"] // s["batch"] * s["batch"]
+        assert ratios[f"simclr_{prefix}epoch_s"]["value"] == pytest.approx(simclr[f"{prefix}epoch_s"], abs=1e-3)
+    assert ratios["simclr_vs_cpu_aug"]["value"] == pytest.approx(bench.paired_ratio(results["cpu_aug"]), abs=1e-3)
+    for method in ("memory_bank", "moco", "swav"):
+        assert ratios[f"{method}_vs_simclr"]["value"] > 0
+    text = markdown.read_text()
+    assert text.startswith((ROOT / "BENCHMARKS.md").read_text().split(bench.SECTION_BEGIN.format(device="cpu"))[0])
+    section = text.split(bench.SECTION_BEGIN.format(device="cpu"))[1].split(bench.SECTION_END.format(device="cpu"))[0]
+    assert text.count(bench.SECTION_BEGIN.format(device="cpu")) == 1
+    assert f"| {s['precision']}, eager | {simclr['epoch_s']:.3f} |" in section
+    assert f"| cpu_aug | {results['cpu_aug']['images_per_sec']:.1f} |" in section

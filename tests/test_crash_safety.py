@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import contrastive.train as train_module
-from contrastive.callbacks import AtomicCheckpointIO, CollapseWarning, TrainingDiverged, atomic_torch_save
+import contrastive.methods as methods_module  # train() looks build_method up there at each call
+from contrastive.callbacks import CollapseWarning, TrainingDiverged
+from contrastive.checkpoints import AtomicCheckpointIO, atomic_torch_save
 from contrastive.data.datasets import DataError
 from contrastive.methods.base import ContrastiveMethod
 from contrastive.train import train
@@ -126,7 +127,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(cfg_factory, 
         train(cfg_factory(*TINY, "trainer.max_epochs=3", f"trainer.log_every_n_steps={check_every}"))
     message = str(err.value)
     assert "loss became NaN or infinite at step 5 (epoch 1)" in message
-    assert f"the last good checkpoint {tmp_path / 'checkpoints' / 'last.ckpt'} was kept" in message
+    assert f"the last good checkpoint {tmp_path / 'checkpoints' / 'last.ckpt'} (end of epoch 0, step 4) was kept" in message
     for cause in ("optim.lr=", "optim.warmup_epochs", "method.temperature="):
         assert cause in message
     # checked every step: stopped at once; otherwise at the end of the epoch, before validation and saving
@@ -201,14 +202,14 @@ def collapse_warnings(record) -> list[str]:
 
 
 def test_collapse_and_a_flat_loss_warn_once_each(cfg_factory, monkeypatch):
-    build = train_module.build_method
+    build = methods_module.build_method
 
     def collapsed(cfg, num_train):
         model = build(cfg, num_train)
         model.projector = ConstantHead(cfg.method.proj_out_dim)
         return model
 
-    monkeypatch.setattr(train_module, "build_method", collapsed)
+    monkeypatch.setattr(methods_module, "build_method", collapsed)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         summary = train(cfg_factory(*TINY, "trainer.max_epochs=4"))

@@ -28,9 +28,9 @@ from lightning.pytorch.strategies import DDPStrategy
 from omegaconf import OmegaConf
 
 from contrastive import distributed as dist
+from contrastive.launch import SpawnDDPStrategy, build_strategy
 from contrastive.methods import build_method
 from contrastive.methods.swav import SwAV
-from contrastive.train import SpawnDDPStrategy, build_strategy
 
 WORLD = 2
 B = 4  # samples per process; the global batch is WORLD * B

@@ -140,7 +140,7 @@ def test_step_loss_is_info_nce_with_pre_update_entry_as_positive(bank_step):
 # -- NCE ------------------------------------------------------------------------------------------------------
 def test_nce_fixes_log_z_from_the_first_batch_and_keeps_it(cfg_factory, monkeypatch):
     torch.manual_seed(0)
-    model, dm = build(cfg_factory(*BANK, *SMALL, "method.loss=nce"))
+    model, dm = build(cfg_factory(*BANK, *SMALL, "method.loss=nce", "method.nce_z=first_batch"))
     assert torch.isnan(model.log_z)
     embeds = spy(monkeypatch, model, "embed")
     draws = spy(monkeypatch, model.bank, "sample_indices")
@@ -165,16 +165,17 @@ def test_nce_fixes_log_z_from_the_first_batch_and_keeps_it(cfg_factory, monkeypa
     assert all(math.isfinite(float(o.loss.detach())) for o in outputs)
     assert math.isfinite(record.log_z[0]) and record.log_z == [record.log_z[0]] * 4
 
-    # log Z = log(n * mean_j exp(v_j . f / T)) over the first batch's sampled negatives
+    # log Z = log(n * mean exp(v . f / T)) over the first batch's K + 1 sampled entries, the positive among them
+    # (lemniscate's NCEAverage.py), from the bank as it stands (nce_z=first_batch)
     t, n = model.cfg.method.temperature, model.num_train
     q = F.normalize(embeds[0][1].detach(), dim=1)
     neg = torch.einsum("nd,nkd->nk", q, record.bank0[draws[0]])
-    log_z = float(torch.logsumexp(neg.flatten() / t, 0) - math.log(neg.numel()) + math.log(n))
+    pos = (q * record.bank0[record.index0]).sum(1)  # v+: the sample's own entry before the update
+    sampled = torch.cat([pos[:, None], neg], 1)
+    log_z = float(torch.log(torch.exp(sampled.double() / t).mean() * n))
     assert record.log_z[0] == pytest.approx(log_z, rel=1e-5, abs=1e-5)
 
-    # the loss of the first step: -log h(v+) - sum_j log(1 - h(v_j)), h = P / (P + K/n), P = exp(v . f / T) / Z,
-    # v+ from the sample's own entry before the update
-    pos = (q * record.bank0[record.index0]).sum(1)
+    # the loss of the first step: -log h(v+) - sum_j log(1 - h(v_j)), h = P / (P + K/n), P = exp(v . f / T) / Z
 
     def h(v: torch.Tensor) -> torch.Tensor:
         p = torch.exp(v.double() / t - log_z)
@@ -182,6 +183,45 @@ def test_nce_fixes_log_z_from_the_first_batch_and_keeps_it(cfg_factory, monkeypa
 
     expected = (-torch.log(h(pos)) - torch.log(1 - h(neg)).sum(1)).mean()
     assert float(outputs[0].loss.detach()) == pytest.approx(float(expected), rel=1e-4)
+
+
+@pytest.mark.parametrize("bank_init", ["encoder", "random"])
+def test_nce_z_is_estimated_against_the_papers_random_start(cfg_factory, monkeypatch, bank_init):
+    # nce_z=random_start (the default): Z as the paper's first batch sees it, the bank holding random unit vectors,
+    # whatever bank_init is; an encoder-filled bank would give a far larger Z
+    torch.manual_seed(0)
+    cfg = cfg_factory(*BANK, *SMALL, "method.loss=nce", "method.temperature=0.1", "method.proj_out_dim=128",
+                      f"method.bank_init={bank_init}")
+    assert cfg.method.nce_z == "random_start"
+    model, dm = build(cfg)
+    embeds = spy(monkeypatch, model, "embed")
+    draws = spy(monkeypatch, model.bank, "sample_indices")
+
+    class Record(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            if batch_idx == 0:
+                self.bank0, self.index0 = pl_module.bank.features.clone(), batch[2].clone()
+
+    record = Record()
+    fit(model, dm, [record], max_epochs=1, max_steps=1, limit_val_batches=0)
+    t, n, k = 0.1, model.num_train, draws[0].shape[1]
+    q = F.normalize(embeds[0][1].detach(), dim=1)
+    if bank_init == "random":  # the bank is the paper's start: its own K + 1 entries
+        sampled = torch.cat([(q * record.bank0[record.index0]).sum(1, keepdim=True),
+                             torch.einsum("nd,nkd->nk", q, record.bank0[draws[0]])], 1)
+    else:  # K + 1 random unit vectors drawn from the run's seed
+        gen = torch.Generator().manual_seed(model.cfg.seed)
+        sampled = q @ F.normalize(torch.randn(k + 1, q.shape[1], generator=gen), dim=1).T
+    log_z = float(torch.log(torch.exp(sampled.double() / t).mean() * n))
+    assert float(model.log_z) == pytest.approx(log_z, rel=1e-5, abs=1e-5)
+    # for random unit vectors in D dimensions, E[exp(v . f / T)] ~ exp(1 / (2 D T^2)): Z / n ~ 1.5 at D 128, T 0.1
+    # (loosely: 76 vectors make a noisy mean of a heavy-tailed exponential)
+    d = q.shape[1]
+    assert float(model.log_z) - math.log(n) == pytest.approx(1 / (2 * d * t * t), abs=0.2)
+    if bank_init == "encoder":  # what the bank as it stands would have given: far from the paper's regime
+        own = torch.cat([(q * record.bank0[record.index0]).sum(1, keepdim=True),
+                         torch.einsum("nd,nkd->nk", q, record.bank0[draws[0]])], 1)
+        assert float(torch.log(torch.exp(own.double() / t).mean())) > float(model.log_z) - math.log(n) + 1
 
 
 # -- sampling ---------------------------------------------------------------------------------------------------

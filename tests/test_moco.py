@@ -284,11 +284,14 @@ def test_presets_v1_linear_head_t007_no_blur_and_v2_mlp_t02():
     v2 = make_cfg(["method=moco_v2", "augment=simclr"], fast=False)
     assert v2.method.name == "moco" and v2.method.version == "v2"
     assert v2.method.proj_layers == 2 and v2.method.temperature == 0.2 and v2.augment.blur.p > 0
-    assert v2.method.momentum_schedule == "cosine"
+    assert v2.method.momentum_schedule == "constant" and v2.method.momentum == 0.999  # --cos is the lr's
     model = build_method(v2, 100)
     assert sum(isinstance(m, torch.nn.Linear) for m in model.key_projector) == 2
     assert any(isinstance(m, torch.nn.ReLU) for m in model.projector)
-    assert make_cfg(["method=moco"], fast=False).method == v2.method
+    # method=moco is the small-data recipe, named as such: m 0.99 on a cosine ramp, BN in the head
+    small = make_cfg(["method=moco"], fast=False).method
+    assert (small.version, small.momentum, small.momentum_schedule, small.proj_batch_norm) == (
+        "v2-small-data", 0.99, "cosine", True)
 
 
 # -- staleness -------------------------------------------------------------------------------------------------
@@ -377,3 +380,78 @@ def test_checkpoint_holds_queue_and_resume_continues_at_saved_ptr(moco_run, tmp_
     expected = saved["written_at"].clone()
     expected[32:64] = 6  # the first write of the resumed run lands at the saved pointer
     assert torch.equal(first["after"], expected)
+
+
+# -- the paper presets -------------------------------------------------------------------------------------------
+def test_moco_v2_head_is_linear_relu_linear_without_bn(cfg_factory):
+    # moco/builder.py with --mlp: fc becomes Linear(d, d_hidden) -> ReLU -> Linear(d_hidden, 128), no BN
+    model, _ = build(cfg_factory("method=moco_v2", *SMALL, "method.queue_size=64"))
+    for head in (model.projector, model.key_projector):
+        assert [type(mod) for mod in head] == [torch.nn.Linear, torch.nn.ReLU, torch.nn.Linear]
+        assert head[0].bias is not None and head[2].bias is not None
+        m = model.cfg.method
+        assert (head[0].in_features, head[0].out_features, head[2].out_features) == (
+            model.feature_dim, m.proj_hidden_dim, m.proj_out_dim)
+    x = torch.randn(5, model.feature_dim)
+    first, second = model.projector[0], model.projector[2]
+    direct = torch.relu(x @ first.weight.T + first.bias) @ second.weight.T + second.bias
+    torch.testing.assert_close(model.projector(x), direct)
+    # the small-data preset keeps its BN
+    small, _ = build(cfg_factory(*MOCO, *SMALL))
+    assert any(isinstance(mod, torch.nn.BatchNorm1d) for mod in small.projector)
+
+
+def test_moco_v2_momentum_is_constant_0999_over_a_run(cfg_factory):
+    cfg = cfg_factory("method=moco_v2", *SMALL, "data.batch_size=16", "method.queue_size=64")
+    assert (cfg.method.momentum, cfg.method.momentum_schedule, cfg.method.temperature) == (0.999, "constant", 0.2)
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.exclude_norm_bias, cfg.optim.warmup_epochs) == (
+        0.03, 1e-4, False, 0)
+    torch.manual_seed(0)
+    model, dm = build(cfg)
+
+    class Record(Callback):
+        def __init__(self) -> None:
+            self.values: list[float] = []
+            self.keys: list[list[torch.Tensor]] = []
+            self.queries: list[list[torch.Tensor]] = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            self.values.append(float(pl_module.momentum))
+            self.keys.append([k.clone() for _, _, k in key_pairs(pl_module)])
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            self.queries.append([q.detach().clone() for _, q, _ in key_pairs(pl_module)])
+
+    record = Record()
+    fit(model, dm, [record], max_epochs=3, max_steps=6, limit_val_batches=0)
+    assert record.values + [float(model.momentum)] == [pytest.approx(0.999, abs=1e-7)] * 7
+    # each step: key <- 0.999 key + 0.001 query, with the query after the step
+    for before, query, after in zip(record.keys, record.queries, record.keys[1:]):
+        for kb, q, ka in zip(before, query, after):
+            torch.testing.assert_close(ka, 0.999 * kb + 0.001 * q, rtol=1e-5, atol=1e-6)
+
+
+def test_momentum_update_leaves_bn_running_stats_alone(cfg_factory):
+    # moco/builder.py updates the key encoder's parameters only; its BN statistics come from its own forward passes
+    model, _ = build(cfg_factory(*MOCO, *SMALL, "method.momentum=0.9", "method.momentum_schedule=constant"))
+    with torch.no_grad():
+        for buffer in list(model.backbone.buffers()) + list(model.projector.buffers()):
+            if buffer.is_floating_point():
+                buffer.add_(1.0)  # the query's statistics now differ from the key's
+    key_buffers = [b.clone() for b in list(model.key_backbone.buffers()) + list(model.key_projector.buffers())]
+    assert key_buffers and any(b.is_floating_point() for b in key_buffers)
+    pairs_before = [(q.detach().clone(), k.clone()) for _, q, k in key_pairs(model)]
+    model.momentum_update()
+    after = list(model.key_backbone.buffers()) + list(model.key_projector.buffers())
+    assert all(torch.equal(a, b) for a, b in zip(after, key_buffers))
+    for (q, k), (_, _, k_new) in zip(pairs_before, key_pairs(model)):
+        torch.testing.assert_close(k_new, 0.9 * k + 0.1 * q)
+
+
+def test_moco_v1_preset_is_the_official_recipe(cfg_factory):
+    cfg = cfg_factory("method=moco_v1", *SMALL)
+    m, a, o = cfg.method, cfg.augment, cfg.optim
+    assert (m.temperature, m.momentum, m.momentum_schedule, m.proj_layers, m.queue_size) == (
+        0.07, 0.999, "constant", 1, 65536)
+    assert (a.grayscale_first, a.grayscale, a.color_jitter.p, a.color_jitter.hue, a.blur.p) == (True, 0.2, 1.0, 0.4, 0)
+    assert (o.scheduler, list(o.milestones), o.step_gamma, o.exclude_norm_bias) == ("step", [120, 160], 0.1, False)

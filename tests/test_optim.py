@@ -194,3 +194,107 @@ def test_lars_skips_parameters_without_gradient():
     w = nn.Parameter(torch.ones(2))
     LARS([w], lr=0.1).step()
     assert torch.equal(w.detach(), torch.ones(2))
+
+
+# -- LARS as the papers' code runs it --------------------------------------------------------------------------
+def simclr_official(w, grads, rates, momentum, wd, eta, adapt=True):
+    """SimCLR's lars_optimizer.py with classic momentum, written out: ``d = g + wd w``; ``r = eta ||w|| / ||d||``
+    (1 when excluded); ``v <- m v + lr r d``; ``w <- w - v``."""
+    w, v = w.clone(), torch.zeros_like(w)
+    for g, lr in zip(grads, rates):
+        d = g + wd * w
+        r = eta * w.norm() / d.norm() if adapt else 1.0
+        v = momentum * v + lr * r * d
+        w = w - v
+    return w
+
+
+def larc_official(w, grads, rates, momentum, wd, eta, clip, eps=1e-8):
+    """apex LARC around torch SGD (SwAV, solo-learn): ``r = eta ||w|| / (||g|| + wd ||w|| + eps)``, clipped to
+    ``min(r / lr, 1)`` in clip mode; the gradient ``(g + wd w) r`` enters SGD's buffer; ``w <- w - lr v``."""
+    w, v = w.clone(), None
+    for g, lr in zip(grads, rates):
+        r = eta * w.norm() / (g.norm() + wd * w.norm() + eps)
+        if clip:
+            r = min(r / lr, 1.0)
+        d = (g + wd * w) * r
+        v = d if v is None else momentum * v + d
+        w = w - lr * v
+    return w
+
+
+def run_lars(w0, grads, rates, **kwargs):
+    w = nn.Parameter(w0.clone())
+    optimizer = LARS([w], lr=rates[0], **kwargs)
+    for grad, lr in zip(grads, rates):
+        optimizer.param_groups[0]["lr"] = lr
+        w.grad = grad.clone()
+        optimizer.step()
+    return w.detach()
+
+
+def lars_case(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w0 = torch.randn(16, 8, generator=g, dtype=torch.float64)
+    grads = [torch.randn(16, 8, generator=g, dtype=torch.float64) * s for s in (0.01, 3.0, 0.5, 1.0)]
+    return w0, grads, [0.8, 4.8, 2.4, 0.3]  # a changing rate (warmup, decay) tells where lr enters the momentum
+
+
+def test_default_lars_is_simclrs_official_update():
+    # the defaults: eta 0.001, no clipping, the rate inside the momentum
+    defaults = LARS([nn.Parameter(torch.ones(1))], lr=1.0).defaults
+    assert (defaults["eta"], defaults["clip"], defaults["variant"]) == (0.001, False, "simclr")
+    cfg = optim_cfg(name="lars")
+    assert (cfg.lars_eta, cfg.lars_variant, cfg.lars_clip) == (0.001, "simclr", False)
+    w0, grads, rates = lars_case()
+    got = run_lars(w0, grads[:1], rates[1:2], momentum=0.9, weight_decay=1e-6)
+    # one step at the presets' lr 4.8 moves w by lr * eta * ||w||, a relative step of 0.0048
+    torch.testing.assert_close(got, simclr_official(w0, grads[:1], [4.8], 0.9, 1e-6, 0.001), rtol=1e-12, atol=1e-14)
+    assert ((got - w0).norm() / w0.norm()).item() == pytest.approx(4.8 * 0.001, rel=1e-9)
+    got = run_lars(w0, grads, rates, momentum=0.9, weight_decay=1e-6)
+    torch.testing.assert_close(got, simclr_official(w0, grads, rates, 0.9, 1e-6, 0.001), rtol=1e-12, atol=1e-14)
+    # with lr outside the momentum (torch SGD's way) the result differs once the rate changes
+    assert not torch.allclose(got, lars_reference(w0, grads, rates[-1], 0.9, 1e-6, 0.001), rtol=1e-6)
+
+
+def test_larc_variant_matches_apex_larc_around_sgd():
+    w0, grads, rates = lars_case(1)
+    for clip, eta in ((False, 0.001), (True, 0.02)):
+        got = run_lars(w0, grads, rates, momentum=0.9, weight_decay=1e-4, eta=eta, variant="larc", clip=clip)
+        expected = larc_official(w0, grads, rates, 0.9, 1e-4, eta, clip)
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
+
+
+def test_clipped_rate_never_exceeds_the_schedule():
+    # clipping makes the trust ratio itself the layer's rate, capped by lr: a large ratio takes lr, a small one
+    # takes the ratio (not lr times it)
+    w = nn.Parameter(torch.tensor([3.0, 4.0], dtype=torch.float64))
+    w.grad = torch.tensor([0.0, 1e-3], dtype=torch.float64)  # r = 0.02 * 5 / 1e-3 = 100 > lr
+    LARS([w], lr=0.1, momentum=0.0, eta=0.02, clip=True).step()
+    torch.testing.assert_close(w.detach(), torch.tensor([3.0, 4.0 - 0.1 * 1e-3], dtype=torch.float64))
+    w = nn.Parameter(torch.tensor([3.0, 4.0], dtype=torch.float64))
+    w.grad = torch.tensor([0.0, 10.0], dtype=torch.float64)  # r = 0.01 < lr
+    LARS([w], lr=0.1, momentum=0.0, eta=0.02, clip=True).step()
+    torch.testing.assert_close(w.detach(), torch.tensor([3.0, 4.0 - 0.01 * 10.0], dtype=torch.float64))
+
+
+def test_build_optimizer_lars_variants_and_exclusions():
+    encoder = Encoder()
+    optimizer = build_optimizer(optim_cfg(name="lars", lars_variant="larc", lars_clip=True, lars_eta=0.02,
+                                          exclude_norm_bias=False), list(encoder.named_parameters()), [], lr=0.3)
+    (group,) = optimizer.param_groups  # SwAV's way: every parameter decayed and adapted
+    assert not group["lars_exclude"] and group["variant"] == "larc" and group["clip"] and group["eta"] == 0.02
+    optimizer = build_optimizer(optim_cfg(name="lars"), list(encoder.named_parameters()), [], lr=0.3)
+    decay, no_decay = optimizer.param_groups  # SimCLR's way: BN and biases neither decayed nor adapted
+    assert ids(no_decay["params"]) == ids([encoder.bn.weight, encoder.bn.bias, encoder.fc.bias])
+    assert no_decay["lars_exclude"] and no_decay["weight_decay"] == 0.0 and decay["variant"] == "simclr"
+    with pytest.raises(ValueError, match="optim.lars_variant='apex'"):
+        build_optimizer(optim_cfg(name="lars", lars_variant="apex"), list(encoder.named_parameters()), [], lr=0.3)
+
+
+def test_step_schedule_drops_by_gamma_at_each_milestone():
+    factor = warmup_cosine(dummy_optimizer(), warmup_steps=0, total_steps=200, kind="step",
+                           milestones=[120, 160]).lr_lambdas[0]
+    assert [factor(s) for s in (0, 119, 120, 159, 160, 199)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
+    with pytest.raises(ValueError, match="optim.milestones"):
+        warmup_cosine(dummy_optimizer(), warmup_steps=0, total_steps=10, kind="step")

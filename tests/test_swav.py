@@ -315,3 +315,45 @@ def test_short_run_loss_falls(cfg_factory):
     assert metrics["negatives"] == "prototypes"
     assert metrics["dictionary_size"] == 10 and metrics["negatives_per_query"] == 0
     assert 0 < metrics["prototype_entropy"] <= 1
+
+
+def test_head_runs_once_over_all_crops_so_its_bn_sees_them_together(cfg_factory):
+    # SwAV's official model: backbone per resolution, then one head call on the concatenated features
+    import copy
+
+    model, dm = build(cfg_factory, "method.num_small_views=2", "method.sinkhorn_epsilon=0.05")
+    views, index, labels = views_for(model, dm)
+    bn = next(mod for mod in model.projector if isinstance(mod, torch.nn.BatchNorm1d))
+    reference = copy.deepcopy(model)
+    heads = []
+    model.projector.register_forward_hook(lambda mod, args, out: heads.append(args[0].shape[0]))
+    with torch.no_grad():
+        out = model.contrastive_loss(views, index, labels)
+        feats = torch.cat([reference.backbone(torch.cat(views[:2])), reference.backbone(torch.cat(views[2:]))])
+        hidden = reference.projector[0](feats)  # the head's first linear layer, before its BN
+    assert heads == [4 * 8]
+    expected = 0.9 * torch.zeros(hidden.shape[1]) + 0.1 * hidden.mean(0)  # BN's running mean after one batch
+    torch.testing.assert_close(bn.running_mean, expected, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # what one head call per resolution would record: two updates, large crops first
+        large, small = reference.projector[0](feats[:16]).mean(0), reference.projector[0](feats[16:]).mean(0)
+    per_size = 0.9 * (0.1 * large) + 0.1 * small
+    assert (bn.running_mean - per_size).abs().max() > 20 * (bn.running_mean - expected).abs().max()
+    with torch.no_grad():  # and the loss is the swapped prediction of that joint pass
+        z = F.normalize(reference.projector(feats), dim=1)
+        scores = list((z @ F.normalize(reference.prototypes.weight, dim=1).T).split(8))
+        codes = [losses.sinkhorn(s, 0.05, 3) for s in scores[:2]]
+        expected_loss = losses.swapped_prediction(scores, codes, model.cfg.method.temperature)
+    torch.testing.assert_close(out.loss, expected_loss, atol=1e-5, rtol=1e-5)
+
+
+def test_queue_is_filled_only_from_its_start_epoch(cfg_factory):
+    # the official queue is created at its start epoch: before it, nothing is written
+    model, dm = build(cfg_factory, "data.batch_size=8", "method.queue_size=16", "method.queue_start_epoch=1")
+    views, index, labels = views_for(model, dm)
+    with torch.no_grad():
+        model.contrastive_loss(views, index, labels)
+    assert int(model.queue.filled) == 0  # epoch 0
+    model, dm = build(cfg_factory, "data.batch_size=8", "method.queue_size=16", "method.queue_start_epoch=0")
+    with torch.no_grad():
+        model.contrastive_loss(views, index, labels)
+    assert int(model.queue.filled) == 8

@@ -27,7 +27,7 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 
 from contrastive.config import ConfigError, validate
-from contrastive.train import SpawnDDPStrategy, build_plugins, build_strategy, check_ddp_launch, world_size
+from contrastive.launch import SpawnDDPStrategy, build_plugins, build_strategy, check_ddp_launch, world_size
 
 FAST_CLI = ["data=synthetic", "data.size=128", "data.batch_size=16", "backbone.width=8", "method.proj_hidden_dim=32",
             "method.proj_out_dim=16", "method.queue_size=64", "trainer.max_epochs=1", "trainer.limit_train_batches=2",

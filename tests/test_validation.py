@@ -34,8 +34,8 @@ REJECTED = [
     (["method=memory_bank", "method.bank_init=zeros"], 1, r"method\.bank_init='zeros'; choose one of random, encoder"),
     (["data.name=imagenet"], 1, r"data\.name='imagenet' is not known; choose one of digits, synthetic, mnist"),
     (["optim.name=adam"], 1, r"optim\.name='adam' is not known; choose one of sgd, adamw, lars"),
-    (["optim.scheduler=step"], 1, r"optim\.scheduler='step' is not known; choose one of cosine, constant"),
-    (["logger.name=tensorboard"], 1, r"logger\.name='tensorboard' is not known; choose one of csv, wandb, none"),
+    (["optim.scheduler=poly"], 1, r"optim\.scheduler='poly' is not known; choose one of cosine, constant, step"),
+    (["logger.name=mlflow"], 1, r"logger\.name='mlflow' is not known; choose one of csv, tensorboard, wandb, none"),
     (["trainer.precision=fp8"], 1, r"trainer\.precision='fp8' is not known; choose one of 32-true"),
     (["resume=always"], 1, r"resume='always': choose auto or null"),
     (["data.batch_size=0"], 1, r"data\.batch_size=0 must be > 0"),
@@ -64,6 +64,15 @@ REJECTED = [
      rf"trainer\.devices={(os.cpu_count() or 1) + 1} but this machine has {os.cpu_count() or 1} CPU cores"),
     (["trainer.accelerator=cpu", "trainer.devices=0"], 1, r"trainer\.devices=0 must be >= 1, -1 \(all\) or auto"),
     (["trainer.devices=two"], 1, r"trainer\.devices='two': give a count, a list of indices, -1 or auto"),
+    (["method.proj_layers=0"], 1, r"method\.proj_layers=0 must be >= 1"),
+    (["backbone.width=0"], 1, r"backbone\.width=0 must be >= 1"),
+    (["data.num_workers=-1"], 1, r"data\.num_workers=-1 must be >= 0"),
+    (["eval.knn_k=0"], 1, r"eval\.knn_k=0 must be >= 1"),
+    (["eval.shots=[1,0]"], 1, r"eval\.shots=\[1, 0\]: each must be >= 1"),
+    (["optim.weight_decay=-1"], 1, r"optim\.weight_decay=-1\.0 must be >= 0"),
+    (["+method.temprature=0.1"], 1, r"method\.temprature is not a key of method; did you mean method\.temperature"),
+    (["+backbone.widht=8"], 1, r"backbone\.widht is not a key of backbone; did you mean backbone\.width"),
+    (["+augment.large.sise=8"], 1, r"augment\.large\.sise is not a key of augment\.large; did you mean augment\.large\.size"),
 ]
 
 
@@ -187,7 +196,8 @@ def run_cli(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("overrides, code, expected", [
-    (["data.batchsize=3"], 1, ["Key 'batchsize' not in 'DataConfig'", "full_key: data.batchsize"]),
+    # Hydra's own errors exit like ours: 2 for a refused command line
+    (["data.batchsize=3"], 2, ["Key 'batchsize' not in 'DataConfig'", "full_key: data.batchsize"]),
     (["method=moco", "method.queue_size=1000"], 2,
      ["error: method.queue_size=1000 must be a positive multiple of the global batch (128 x 1 processes = 128)"]),
 ], ids=["unknown-key", "queue-size"])

@@ -92,9 +92,11 @@ def gaussian_blur(x: Tensor, sigma: Tensor, kernel_size: int) -> Tensor:
     return y.view(n, c, h, w)
 
 
-def blur_kernel_size(size: int) -> int:
-    """About a tenth of the image side, odd, at least 3 (SimCLR's choice)."""
-    return max(3, int(0.1 * size) // 2 * 2 + 1)
+def blur_kernel_size(size: int, sigma_max: float = 0.0) -> int:
+    """Odd, at least a tenth of the image side (SimCLR's choice) and at least +-3 ``sigma_max`` (a tenth of 32 px,
+    3 taps, would cut a sigma of 2 px down to a box); at most what reflect padding allows (``size - 1`` per side)."""
+    taps = max(3, int(0.1 * size) // 2 * 2 + 1, 2 * math.ceil(3 * sigma_max) + 1)
+    return min(taps, 2 * (size - 1) + 1)
 
 
 def normalize(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
@@ -160,14 +162,23 @@ class _Normalized(nn.Module):
 
 
 class EvalTransform(_Normalized):
-    """Deterministic: resize the whole image to ``size`` (bilinear, antialias), scale to [0, 1], normalise."""
+    """Deterministic: keep the central ``crop`` fraction of each side (0.875 of a 256-px image: the official
+    Resize(256) + CenterCrop(224)), resize to ``size`` (bilinear, antialias), scale to [0, 1], normalise."""
 
-    def __init__(self, *, size: int, mean: Sequence[float], std: Sequence[float]) -> None:
+    def __init__(self, *, size: int, mean: Sequence[float], std: Sequence[float], crop: float = 1.0) -> None:
         super().__init__(size, len(mean), mean, std)
+        if not 0 < crop <= 1:
+            raise AugmentError("crop", crop, "must be in (0, 1] (the central fraction of each side kept)")
+        self.crop = float(crop)
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
         x = to_unit(x)
+        if self.crop < 1:
+            h, w = x.shape[-2:]
+            ch, cw = max(1, round(h * self.crop)), max(1, round(w * self.crop))
+            top, left = round((h - ch) / 2), round((w - cw) / 2)  # as torchvision's center_crop
+            x = x[..., top : top + ch, left : left + cw]
         if x.shape[-2:] != (self.size, self.size):
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True)
         return normalize(x, self.mean, self.std)
@@ -182,7 +193,8 @@ class BatchAugment(_Normalized):
         scale: tuple[float, float] = (0.2, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: float = 0.5,
         rotation: float = 0.0, translate: float = 0.0,
         jitter_p: float = 0.8, brightness: float = 0.4, contrast: float = 0.4, saturation: float = 0.4,
-        hue: float = 0.1, grayscale: float = 0.2, blur_p: float = 0.5, blur_sigma: tuple[float, float] = (0.1, 2.0),
+        hue: float = 0.1, jitter_random_order: bool = False, grayscale: float = 0.2, grayscale_first: bool = False,
+        blur_p: float = 0.5, blur_sigma: tuple[float, float] = (0.1, 2.0),
         solarize: float = 0.0, noise: float = 0.0, cutout_p: float = 0.0, cutout_size: float = 0.25,
     ) -> None:
         super().__init__(size, channels, mean, std)
@@ -214,7 +226,8 @@ class BatchAugment(_Normalized):
         self.hue = float(hue) if colour else 0.0
         self.grayscale = float(grayscale) if colour else 0.0
         self.blur_p, self.blur_sigma = float(blur_p), (float(blur_sigma[0]), float(blur_sigma[1]))
-        self.blur_kernel = blur_kernel_size(self.size)
+        self.blur_kernel = blur_kernel_size(self.size, self.blur_sigma[1])
+        self.jitter_random_order, self.grayscale_first = bool(jitter_random_order), bool(grayscale_first)
         self.solarize, self.noise = float(solarize), float(noise)
         self.cutout_p, self.cutout_side = float(cutout_p), max(1, round(cutout_size * self.size))
 
@@ -223,13 +236,20 @@ class BatchAugment(_Normalized):
                 f"translate={self.translate}, jitter_p={self.jitter_p}, grayscale={self.grayscale}, "
                 f"blur_p={self.blur_p}, solarize={self.solarize}, noise={self.noise}, cutout_p={self.cutout_p}")
 
-    def forward(self, x: Tensor) -> Tensor:
-        """x: uint8 ``[B, C, H, W]`` (or float in [0, 1]) -> float32 ``[B, C, size, size]``, normalised."""
+    def forward(self, x: Tensor, crop: bool = True) -> Tensor:
+        """x: uint8 ``[B, C, H, W]`` (or float in [0, 1]) -> float32 ``[B, C, size, size]``, normalised.
+        ``crop=False``: ``x`` holds crops already cut at ``size`` (``contrastive.data.crops``); flip, rotation and
+        shift still apply."""
         self._check_input(x)
-        x = self._geometry(to_unit(x))
+        if not crop and x.shape[-2:] != (self.size, self.size):
+            raise ValueError(f"crops of {self.size} px expected, got {tuple(x.shape[-2:])}")
+        x = self._geometry(to_unit(x), crop)
+        # SimCLR and MoCo v2 jitter then grey; InstDisc and MoCo v1 grey first, then jitter (``grayscale_first``)
+        if self.grayscale > 0 and self.grayscale_first:
+            x = _choose(self.grayscale, rgb_to_gray(x).expand_as(x), x)
         if self.jitter_p > 0:
             x = _choose(self.jitter_p, self._jitter(x), x)
-        if self.grayscale > 0:
+        if self.grayscale > 0 and not self.grayscale_first:
             x = _choose(self.grayscale, rgb_to_gray(x).expand_as(x), x)
         if self.blur_p > 0:
             sigma = _uniform(x.shape[0], *self.blur_sigma, device=x.device)
@@ -242,12 +262,17 @@ class BatchAugment(_Normalized):
             x = self._cutout(x)
         return normalize(x, self.mean, self.std)
 
-    def affine(self, n: int, height: int, width: int, device: torch.device) -> Tensor:
+    def affine(self, n: int, height: int, width: int, device: torch.device, crop: bool = True) -> Tensor:
         """Per-sample ``[n, 2, 3]`` maps from output to input coordinates (``F.affine_grid``'s theta): the image
-        is rotated and shifted, then a random box of it is cropped and maybe mirrored."""
-        fw, fh = random_crop_fractions(n, height, width, self.scale, self.ratio, device)
-        cx = (torch.rand(n, device=device) * 2 - 1) * (1 - fw)
-        cy = (torch.rand(n, device=device) * 2 - 1) * (1 - fh)
+        is rotated and shifted, then a random box of it is cropped (the whole image when not ``crop``) and maybe
+        mirrored."""
+        if crop:
+            fw, fh = random_crop_fractions(n, height, width, self.scale, self.ratio, device)
+            cx = (torch.rand(n, device=device) * 2 - 1) * (1 - fw)
+            cy = (torch.rand(n, device=device) * 2 - 1) * (1 - fh)
+        else:
+            fw, fh = torch.ones(n, device=device), torch.ones(n, device=device)
+            cx, cy = torch.zeros(n, device=device), torch.zeros(n, device=device)
         if self.hflip > 0:
             fw = torch.where(torch.rand(n, device=device) < self.hflip, -fw, fw)
         if self.translate > 0:
@@ -264,9 +289,9 @@ class BatchAugment(_Normalized):
             theta = rot @ theta
         return theta
 
-    def _geometry(self, x: Tensor) -> Tensor:
+    def _geometry(self, x: Tensor, crop: bool = True) -> Tensor:
         n, c, h, w = x.shape
-        theta = self.affine(n, h, w, x.device)
+        theta = self.affine(n, h, w, x.device, crop)
         grid = F.affine_grid(theta, [n, c, self.size, self.size], align_corners=False)
         # without rotation or shift the crop lies inside the image: clamping at the border then makes a full
         # crop equal to the evaluation resize, instead of darkening the outer half pixel
@@ -274,15 +299,29 @@ class BatchAugment(_Normalized):
         return F.grid_sample(x, grid, mode="bilinear", padding_mode=padding, align_corners=False)
 
     def _jitter(self, x: Tensor) -> Tensor:
+        """Brightness, contrast, saturation, hue: in that order, or (``jitter_random_order``) in an order drawn
+        per sample, as torchvision's ColorJitter and SimCLR's code run them."""
         n, device = x.shape[0], x.device
+        # (op, its factors, the identity factor)
+        ops = []
         if self.brightness > 0:
-            x = adjust_brightness(x, _uniform(n, 1 - self.brightness, 1 + self.brightness, device))
+            ops.append((adjust_brightness, _uniform(n, 1 - self.brightness, 1 + self.brightness, device), 1.0))
         if self.contrast > 0:
-            x = adjust_contrast(x, _uniform(n, 1 - self.contrast, 1 + self.contrast, device))
+            ops.append((adjust_contrast, _uniform(n, 1 - self.contrast, 1 + self.contrast, device), 1.0))
         if self.saturation > 0:
-            x = adjust_saturation(x, _uniform(n, 1 - self.saturation, 1 + self.saturation, device))
+            ops.append((adjust_saturation, _uniform(n, 1 - self.saturation, 1 + self.saturation, device), 1.0))
         if self.hue > 0:
-            x = adjust_hue(x, _uniform(n, -self.hue, self.hue, device))
+            ops.append((adjust_hue, _uniform(n, -self.hue, self.hue, device), 0.0))
+        if not self.jitter_random_order or len(ops) < 2:
+            for op, factor, _ in ops:
+                x = op(x, factor)
+            return x
+        # slot[i, j]: the position of op j in sample i's order. At each position every op runs on the whole batch,
+        # with its identity factor where the sample has another op there: len(ops)^2 passes, no sync, no gather
+        slot = torch.rand(n, len(ops), device=device).argsort(1).argsort(1)
+        for position in range(len(ops)):
+            for j, (op, factor, identity) in enumerate(ops):
+                x = op(x, torch.where(slot[:, j] == position, factor, torch.full_like(factor, identity)))
         return x
 
     def _cutout(self, x: Tensor) -> Tensor:
@@ -310,10 +349,27 @@ class MultiViewAugment(nn.Module):
         self.large, self.small = large, small
         self.num_large, self.num_small = int(num_large), int(num_small)
 
-    def forward(self, x: Tensor) -> list[Tensor]:
+    def forward(self, x: Tensor | Sequence[Tensor]) -> list[Tensor]:
+        """``x``: a batch of images ``[B, C, H, W]``, or crops already cut per resolution (``data.crops=full``):
+        ``[B, num_large, C, S, S]`` (and ``[B, num_small, C, s, s]``), which then skip the crop."""
+        if not isinstance(x, Tensor):
+            return self._from_crops(list(x))
         views = self._views(self.large, x, self.num_large)
         if self.num_small > 0:
             views += self._views(self.small, x, self.num_small)
+        return views
+
+    def _from_crops(self, crops: list[Tensor]) -> list[Tensor]:
+        expected = [self.num_large] + ([self.num_small] if self.num_small > 0 else [])
+        if [c.shape[1] if c.dim() == 5 else -1 for c in crops] != expected:
+            raise ValueError(f"expected crops [B, count, C, S, S] with counts {expected}, got "
+                             f"{[tuple(c.shape) for c in crops]}")
+        views: list[Tensor] = []
+        for augment, c in zip((self.large, self.small), crops):
+            b, count = c.shape[:2]
+            # view-major, as _views: all images' first crop, then all images' second crop, ...
+            flat = c.transpose(0, 1).reshape(count * b, *c.shape[2:])
+            views += list(augment(flat, crop=False).chunk(count))
         return views
 
     @staticmethod
@@ -328,7 +384,7 @@ CONFIG_KEYS = {
     "hflip": "hflip", "rotation": "rotation", "translate": "translate",
     "color_jitter.p": "jitter_p", "color_jitter.brightness": "brightness", "color_jitter.contrast": "contrast",
     "color_jitter.saturation": "saturation", "color_jitter.hue": "hue",
-    "grayscale": "grayscale", "blur.p": "blur_p", "blur.sigma": "blur_sigma", "solarize": "solarize",
+    "color_jitter.random_order": "jitter_random_order", "grayscale": "grayscale", "grayscale_first": "grayscale_first", "blur.p": "blur_p", "blur.sigma": "blur_sigma", "solarize": "solarize",
     "noise": "noise", "cutout.p": "cutout_p", "cutout.size": "cutout_size",
 }
 CROP_KEYS = ("size", "scale")
@@ -387,10 +443,12 @@ def build_augment(augment_cfg: Any, data_cfg: Any, num_large: int, num_small: in
 
 
 def build_eval_transform(data_cfg: Any) -> EvalTransform:
-    """The deterministic transform of evaluation: resize to ``data.image_size`` and normalise."""
+    """The deterministic transform of evaluation: centre crop of ``data.eval_crop``, resize to ``data.image_size``
+    and normalise."""
     data = _plain(data_cfg)
     try:
-        return EvalTransform(size=data["image_size"], mean=list(data["mean"]), std=list(data["std"]))
+        return EvalTransform(size=data["image_size"], mean=list(data["mean"]), std=list(data["std"]),
+                             crop=data.get("eval_crop", 1.0))
     except AugmentError as err:
-        name = "data.image_size" if err.arg == "size" else DATA_ARGS.get(err.arg, err.arg)
+        name = {"size": "data.image_size", "crop": "data.eval_crop"}.get(err.arg) or DATA_ARGS.get(err.arg, err.arg)
         raise ValueError(f"{name}={err.value!r} {err.reason}") from None

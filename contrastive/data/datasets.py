@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import math
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,9 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset, default_collate, get_worker_info
 
-
-class DataError(ValueError):
-    """Data that cannot be found or read; the message names the path and the override that fixes it."""
+from contrastive.errors import DataError
 
 
 class ImageBatch(Sequence):
@@ -102,17 +101,29 @@ class ImageFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.folder)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, int, int]:
+    def open(self, index: int):
+        """The decoded image at its own resolution (PIL) and its label; the training crops of
+        ``contrastive.data.crops`` are cut from it."""
         from PIL import Image
+
+        path, label = self.folder.samples[index]
+        try:
+            with Image.open(path) as img:
+                img = img.convert(self.mode)
+        except Image.DecompressionBombError as err:
+            raise DataError(f"file {path} is a decompression bomb ({err}): remove it from the data set") from None
+        except (OSError, SyntaxError, ValueError) as err:  # PIL's errors for truncated or undecodable files
+            raise DataError(f"file {path} is truncated or damaged ({err}): replace or remove it") from None
+        return img, label
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int, int]:
         from torchvision.transforms import InterpolationMode
         from torchvision.transforms import functional as TF
 
-        path, label = self.folder.samples[index]
-        with Image.open(path) as img:
-            img = img.convert(self.mode)
-            img = TF.resize(img, self.load_size, interpolation=InterpolationMode.BILINEAR, antialias=True)
-            img = TF.center_crop(img, [self.load_size, self.load_size])
-            return TF.pil_to_tensor(img), label, int(index)
+        img, label = self.open(index)
+        img = TF.resize(img, self.load_size, interpolation=InterpolationMode.BILINEAR, antialias=True)
+        img = TF.center_crop(img, [self.load_size, self.load_size])
+        return TF.pil_to_tensor(img), label, int(index)
 
     @property
     def num_classes(self) -> int:
@@ -151,6 +162,8 @@ def _root(cfg: Any, holds: str, downloadable: bool = True) -> Path:
     if cfg.root is None:
         raise DataError(f"data.root is not set: {fix}")
     root = Path(str(cfg.root)).expanduser()
+    if root.exists() and not root.is_dir():
+        raise DataError(f"{_where(cfg)} is a file, not a folder: {fix}")
     if not root.is_dir() and not cfg.download:
         raise DataError(f"{_where(cfg)} does not exist: {fix}")
     return root
@@ -184,7 +197,7 @@ def read_idx(path: str | Path, kind: str) -> Tensor:
     if raw[:2] == b"\x1f\x8b":
         try:
             raw = gzip.decompress(raw)
-        except (EOFError, OSError) as err:
+        except (EOFError, OSError, zlib.error) as err:  # zlib.error: a damaged deflate stream
             raise DataError(f"file {path} is a truncated or damaged gzip file ({err}): replace it, or delete it "
                             "and set data.download=true") from err
     expected_magic = IDX_MAGIC[kind]
@@ -360,6 +373,118 @@ def _imagefolder(cfg: Any) -> tuple[Dataset, Dataset]:
     return train, val
 
 
+# -- NumPy archives ------------------------------------------------------------------------------------------
+NPZ_SPLITS = {"images": ("images", "labels"), "medmnist": ("train_images", "train_labels", "test_images", "test_labels")}
+
+
+def _npz_path(cfg: Any) -> Path:
+    if not cfg.file:
+        raise DataError("data.file is not set: set data.file=<path to an .npz archive> (relative to data.root "
+                        "unless absolute)")
+    path = Path(str(cfg.file)).expanduser()
+    if not path.is_absolute() and cfg.root is not None:
+        path = Path(str(cfg.root)).expanduser() / path
+    if not path.is_file():
+        where = "" if cfg.root is None or Path(str(cfg.file)).is_absolute() else f" under {_where(cfg)}"
+        raise DataError(f"data.file={cfg.file!r}{where}: {path} not found: set data.file (and data.root) to an "
+                        ".npz archive")
+    return path
+
+
+def _npz_array(archive: Any, path: Path, key: str) -> Any:
+    try:
+        return archive[key]
+    except ValueError as err:
+        # numpy refuses object arrays without pickle: such a file could run code when read
+        raise DataError(f"file {path}: key {key!r} holds pickled objects (dtype object), which are not read; "
+                        "save plain uint8 / integer arrays instead") from err
+
+
+def npz_images(array: Any, path: Path, key: str, channels: int) -> Tensor:
+    """uint8 ``[N, H, W]``, ``[N, H, W, C]`` or ``[N, C, H, W]`` -> uint8 ``[N, C, H, W]`` (C = ``channels``)."""
+    import numpy as np
+
+    if array.dtype != np.uint8:
+        raise DataError(f"file {path}: {key!r} has dtype {array.dtype}, expected uint8 pixels 0..255: convert with "
+                        "(x * 255).round().astype('uint8') if they are floats in [0, 1]")
+    shape = array.shape
+    if array.ndim == 3:
+        return torch.from_numpy(np.ascontiguousarray(array)).unsqueeze(1)
+    if array.ndim != 4:
+        raise DataError(f"file {path}: {key!r} has shape {shape}, expected [N, H, W], [N, H, W, C] or [N, C, H, W]")
+    # channels last (NumPy / PIL) or first (torch): the axis that holds data.channels, with square images
+    # deciding when both could
+    last, first = shape[3] == channels, shape[1] == channels
+    side = "both ends" if last and first else "neither end"
+    if last and first:
+        last, first = shape[1] == shape[2], shape[2] == shape[3]
+    if last == first:
+        raise DataError(f"file {path}: {key!r} has shape {shape}: cannot tell the channel axis (data.channels="
+                        f"{channels} at {side}); expected [N, H, W, {channels}] or [N, {channels}, H, W], or set "
+                        "data.channels to the images' channel count")
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    return tensor.permute(0, 3, 1, 2).contiguous() if last else tensor
+
+
+def npz_labels(array: Any, path: Path, key: str, n: int) -> Tensor:
+    """Integer class indices ``[N]`` (or ``[N, 1]``, as MedMNIST stores them) -> int64 ``[N]``."""
+    import numpy as np
+
+    if not np.issubdtype(array.dtype, np.integer):
+        raise DataError(f"file {path}: {key!r} has dtype {array.dtype}, expected integer class indices")
+    if array.ndim == 2 and array.shape[1] == 1:
+        array = array[:, 0]
+    if array.ndim != 1:
+        raise DataError(f"file {path}: {key!r} has shape {array.shape}, expected [N] class indices (multi-label "
+                        "sets are not supported)")
+    if len(array) != n:
+        raise DataError(f"file {path}: {key!r} holds {len(array)} labels but the images number {n}")
+    if len(array) and array.min() < 0:
+        raise DataError(f"file {path}: {key!r} holds negative labels (min {array.min()}); expected 0..classes-1")
+    return torch.from_numpy(array.astype(np.int64))
+
+
+def _npz(cfg: Any) -> tuple[Dataset, Dataset]:
+    """``images`` + ``labels``, split by ``data.val_fraction``; or MedMNIST's layout: ``train_*`` for training,
+    ``test_*`` for evaluation (``val_*``, for model selection, is not used)."""
+    import zipfile
+
+    import numpy as np
+
+    path = _npz_path(cfg)
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except ValueError as err:
+        raise DataError(f"file {path} is not an .npz archive (NumPy reads it as pickled data, which is not read): "
+                        "save the arrays with numpy.savez") from err
+    except (OSError, zipfile.BadZipFile, EOFError) as err:
+        raise DataError(f"file {path} is not a readable .npz archive ({err})") from err
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise DataError(f"file {path} is a single .npy array, not an .npz archive: save it with "
+                        "numpy.savez(path, images=..., labels=...)")
+    with archive:
+        keys = set(archive.files)
+        layout = "medmnist" if "train_images" in keys else "images"
+        missing = [key for key in NPZ_SPLITS[layout] if key not in keys]
+        if missing:
+            raise DataError(f"file {path}: no {', '.join(map(repr, missing))} (it has {', '.join(sorted(keys))}); "
+                            "expected 'images' and 'labels', or train_images, train_labels, test_images, "
+                            "test_labels")
+        pairs = []
+        for prefix in ("",) if layout == "images" else ("train_", "test_"):
+            key = prefix + "images"
+            images = npz_images(_npz_array(archive, path, key), path, key, cfg.channels)
+            key = prefix + "labels"
+            labels = npz_labels(_npz_array(archive, path, key), path, key, images.shape[0])
+            pairs.append((images, labels))
+    if layout == "images":
+        return _split(*pairs[0], cfg)
+    if pairs[0][0].shape[1:] != pairs[1][0].shape[1:]:
+        raise DataError(f"file {path}: train_images {tuple(pairs[0][0].shape[1:])} and test_images "
+                        f"{tuple(pairs[1][0].shape[1:])} differ in image shape")
+    return ImageTensorDataset(*pairs[0]), ImageTensorDataset(*pairs[1])
+
+
 LOADERS: dict[str, Callable[[Any], tuple[Dataset, Dataset]]] = {
     "digits": _digits,
     "synthetic": _synthetic,
@@ -368,6 +493,7 @@ LOADERS: dict[str, Callable[[Any], tuple[Dataset, Dataset]]] = {
     "cifar100": _cifar,
     "stl10": _stl10,
     "imagefolder": _imagefolder,
+    "npz": _npz,
 }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import partial
 
 import lightning as L
 import torch
@@ -14,6 +15,7 @@ from torch import Tensor, nn
 
 from contrastive import distributed as dist
 from contrastive.data.augment import build_augment, build_eval_transform
+from contrastive.data.crops import CroppedViews, CropSpec
 from contrastive.metrics import alignment, embedding_std, false_negative_rate, knn_accuracy, uniformity
 from contrastive.models import backbone_from_config, projection_head
 from contrastive.optim import build_optimizer, warmup_cosine
@@ -40,7 +42,8 @@ class ContrastiveMethod(L.LightningModule):
         m, data = self.cfg.method, self.cfg.data
         self.backbone = backbone_from_config(self.cfg.backbone, data.channels)
         self.feature_dim = self.backbone.out_dim
-        self.projector = projection_head(self.feature_dim, m.proj_hidden_dim, m.proj_out_dim, m.proj_layers)
+        self.projector = projection_head(self.feature_dim, m.proj_hidden_dim, m.proj_out_dim, m.proj_layers,
+                                         m.get("proj_batch_norm", True), m.get("proj_final_bn", False))
         self.probe = nn.Linear(self.feature_dim, data.num_classes)
         self.augment = build_augment(self.cfg.augment, data, m.num_views, m.num_small_views)
         self.eval_transform = build_eval_transform(data)
@@ -74,6 +77,22 @@ class ContrastiveMethod(L.LightningModule):
         # before a checkpoint restores each rank's saved stream, so a resumed run continues its own
         if stage == "fit":
             dist.seed_process_streams(self.cfg.seed)
+            if self.cfg.data.get("crops", "stored") == "full":
+                self._crop_in_loader()
+
+    def _crop_in_loader(self) -> None:
+        """``data.crops=full``: the training loader cuts each view from the whole image at its own resolution, as
+        the official pipelines do; the on-device augmentation then skips its crop."""
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is None:
+            raise RuntimeError("data.crops=full cuts views in the data module's loader; fit with a "
+                               "ContrastiveDataModule, or use data.crops=stored")
+        specs = [CropSpec(self.augment.large.size, self.augment.num_large, self.augment.large.scale,
+                          self.augment.large.ratio)]
+        if self.augment.num_small > 0:
+            specs.append(CropSpec(self.augment.small.size, self.augment.num_small, self.augment.small.scale,
+                                  self.augment.small.ratio))
+        dm.train_views = partial(CroppedViews, specs=specs)
 
     def on_fit_start(self) -> None:
         dm = getattr(self.trainer, "datamodule", None)
@@ -166,10 +185,27 @@ class ContrastiveMethod(L.LightningModule):
         encoder = [(n, p) for n, p in self.named_parameters() if p.requires_grad and not n.startswith("probe.")]
         optimizer = build_optimizer(optim, encoder, list(self.probe.parameters()), lr)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
-        steps_per_epoch = max(total // max(self.trainer.max_epochs or 1, 1), 1)
+        steps_per_epoch = self.steps_per_epoch(total)
         warmup = int(optim.warmup_epochs * steps_per_epoch)
-        schedule = warmup_cosine(optimizer, warmup, total, optim.min_lr_ratio, optim.scheduler)
+        milestones = [int(e * steps_per_epoch) for e in optim.get("milestones", [])]
+        schedule = warmup_cosine(optimizer, warmup, total, optim.min_lr_ratio, optim.scheduler, milestones,
+                                 optim.get("step_gamma", 0.1))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def steps_per_epoch(self, total: int) -> int:
+        """Optimiser steps in one epoch, from the training set's size: a run capped by ``trainer.max_steps`` keeps
+        its real epoch length, so warm-up and milestones stay in epochs."""
+        trainer = self.trainer
+        if not self.num_train:
+            return max(total // max(trainer.max_epochs or 1, 1), 1)
+        # each process gets ceil(n / world) images (the distributed sampler pads); the last partial batch is dropped
+        batches = math.ceil(self.num_train / trainer.world_size) // int(self.cfg.data.batch_size)
+        limit = trainer.limit_train_batches
+        if isinstance(limit, int):
+            batches = min(batches, limit)
+        elif limit is not None and limit < 1.0:
+            batches = int(batches * limit)
+        return max(math.ceil(batches / trainer.accumulate_grad_batches), 1)
 
     def progress(self) -> float:
         """Fraction of training done, for schedules (momentum, freezing)."""

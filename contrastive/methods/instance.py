@@ -45,26 +45,29 @@ class InstanceDiscrimination(ContrastiveMethod):
         if m.negatives == "bank":
             self.bank = MemoryBank(num_train, m.proj_out_dim, m.bank_momentum)
             self.num_negatives = m.num_negatives or min(4096, num_train - 1)
-            self.register_buffer("log_z", torch.tensor(float("nan")))  # NCE normaliser, fixed by the first batch
+            if m.loss == "nce":  # only then: an unset (NaN) normaliser would read as a diverged model
+                self.register_buffer("log_z", torch.tensor(float("nan")))  # NCE normaliser, fixed by the first batch
             self._log_z_fixed: bool | None = None  # host flag: testing log_z for NaN each step would sync with the GPU
         elif m.negatives == "queue":
             self.queue = Queue(m.queue_size, m.proj_out_dim)
 
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if not hasattr(self, "log_z"):  # a checkpoint from before log_z was kept for NCE runs only
+            state_dict.pop(prefix + "log_z", None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         if self.negatives_source == "bank":
             self._log_z_fixed = None  # read again from the loaded buffer
 
     # -- key encoder -----------------------------------------------------------------------------------------
     @torch.no_grad()
     def momentum_update(self) -> None:
-        """theta_k <- m * theta_k + (1 - m) * theta_q over the whole key path, head included."""
+        """theta_k <- m * theta_k + (1 - m) * theta_q over the whole key path, head included. Parameters only, as
+        MoCo's builder.py: the key encoder's BN running statistics are its own, from its own forward passes."""
         # m stays on the device: reading it as a Python number would sync with the GPU every step
         weight = 1 - self.momentum
         for q_mod, k_mod in ((self.backbone, self.key_backbone), (self.projector, self.key_projector)):
             q_params, k_params = list(q_mod.parameters()), list(k_mod.parameters())
             torch._foreach_lerp_(k_params, q_params, [weight] * len(k_params))
-            torch._foreach_copy_(list(k_mod.buffers()), list(q_mod.buffers()))
 
     @torch.no_grad()
     def momentum_keys(self, x: Tensor) -> Tensor:
@@ -106,6 +109,8 @@ class InstanceDiscrimination(ContrastiveMethod):
         with self.trainer.precision_plugin.forward_context():
             for images, _, index in loader:
                 view = self.augment.large(images.to(self.device))  # one view: the others would be discarded
+                if self.cfg.perf.channels_last:  # as training_step feeds the model
+                    view = view.contiguous(memory_format=torch.channels_last)
                 keys = self.key_net(view)
                 self.bank.fill(dist.gather(index.to(self.device)), dist.gather(keys))
         seconds = time.perf_counter() - start
@@ -123,8 +128,14 @@ class InstanceDiscrimination(ContrastiveMethod):
         m = self.cfg.method
         query_views = [0, 1] if (len(views) == 2 and m.symmetric) or m.negatives == "batch" else [0]
         feats, queries = {}, {}
-        for i in query_views:
-            feats[i], queries[i] = self.embed(views[i])
+        if m.joint_views and len(query_views) > 1:
+            # SimCLR's official code: both views in one batch, so BN statistics span all 2N images
+            f, z = self.embed(torch.cat([views[i] for i in query_views]))
+            for i, fi, zi in zip(query_views, f.chunk(len(query_views)), z.chunk(len(query_views))):
+                feats[i], queries[i] = fi, zi
+        else:
+            for i in query_views:
+                feats[i], queries[i] = self.embed(views[i])
         other = (lambda i: 1 - i) if len(views) == 2 else (lambda i: i)
         if self.key_encoder_kind == "momentum":
             # a queue reads only the keys opposite the queries: one key pass per step for asymmetric MoCo
@@ -180,7 +191,7 @@ class InstanceDiscrimination(ContrastiveMethod):
             pos = (q * F.normalize(positive, dim=1)).sum(1)
             neg = self.bank_cosines(q, bank, neg_index)
             if m.loss == "nce":
-                terms.append(self.nce(pos, neg))
+                terms.append(self.nce(pos, neg, q))
             else:
                 terms.append(losses.contrastive_cross_entropy(pos, neg, m.temperature))
         fnr = self.false_negative_rate(labels, neg_index)
@@ -202,16 +213,32 @@ class InstanceDiscrimination(ContrastiveMethod):
             return (q @ bank.T).gather(1, neg_index)
         return torch.einsum("nd,nkd->nk", q, self.bank.features[neg_index])
 
-    def nce(self, pos: Tensor, neg: Tensor) -> Tensor:
-        """The paper's NCE loss on the cosines of the positive ``[n]`` and the negatives ``[n, K]``."""
+    def nce(self, pos: Tensor, neg: Tensor, q: Tensor | None = None) -> Tensor:
+        """The paper's NCE loss on the cosines of the positive ``[n]`` and the negatives ``[n, K]`` (``q``: the unit
+        queries, for the ``random_start`` estimate of Z)."""
         if self._log_z_fixed is None:
             self._log_z_fixed = not bool(torch.isnan(self.log_z))
         if not self._log_z_fixed:
-            # Z ~ n * E[exp(v.f / T)], estimated once over the first batch's negatives, as in the paper
-            scaled = dist.gather(neg.detach().float() / self.cfg.method.temperature).flatten()
-            self.log_z.fill_(torch.logsumexp(scaled, 0) - math.log(scaled.numel()) + math.log(self.num_train))
+            self.log_z.fill_(self.estimate_log_z(pos, neg, q))
             self._log_z_fixed = True
         return losses.nce_loss(pos, neg, self.cfg.method.temperature, self.log_z, self.num_train)
+
+    @torch.no_grad()
+    def estimate_log_z(self, pos: Tensor, neg: Tensor, q: Tensor | None) -> Tensor:
+        """log Z, once, as lemniscate's NCEAverage.py does: Z = n * the mean of exp(s / T) over the first batch's
+        K + 1 sampled entries (positive and negatives). ``nce_z=first_batch`` takes them from the bank as it stands;
+        ``random_start`` (the default) from the bank as the paper starts it, random unit vectors, whatever
+        ``bank_init`` is: an encoder-filled bank's cosines are near 1 and would give a Z about 50x larger at T 0.1,
+        which moves every NCE posterior. With ``bank_init=random`` the two are the same estimate."""
+        m = self.cfg.method
+        if m.nce_z == "first_batch" or m.bank_init == "random" or q is None:
+            cosines = torch.cat([pos.detach().float().unsqueeze(1), neg.detach().float()], 1)
+        else:
+            generator = torch.Generator(device=q.device).manual_seed(self.cfg.seed)
+            start = F.normalize(torch.randn(neg.shape[1] + 1, q.shape[1], device=q.device, generator=generator), dim=1)
+            cosines = q.detach().float() @ start.T
+        scaled = dist.gather(cosines / m.temperature).flatten()
+        return torch.logsumexp(scaled, 0) - math.log(scaled.numel()) + math.log(self.num_train)
 
     def queue_loss(self, queries, keys, other, index, labels, logs) -> Tensor:
         """MoCo: the queue as it was before this batch is every query's negatives; the new keys are enqueued only

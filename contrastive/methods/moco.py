@@ -5,4 +5,5 @@ from contrastive.methods.instance import InstanceDiscrimination
 
 class MoCo(InstanceDiscrimination):
     """``key_encoder=momentum``, ``negatives=queue``: a large and consistent dictionary, decoupled from the batch.
-    v1: linear head, T 0.07; v2: MLP head, T 0.2, blur, cosine momentum schedule (``method=moco_v1|moco_v2``)."""
+    ``method=moco_v1``: linear head, T 0.07; ``method=moco_v2``: MLP head without BN, T 0.2, blur; both m 0.999
+    constant, as the official code. ``method=moco``: the small-data recipe (m 0.99 on a cosine ramp, BN head)."""

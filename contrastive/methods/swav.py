@@ -137,19 +137,21 @@ class SwAV(ContrastiveMethod):
         if not self.prototypes_frozen():
             self.normalize_prototypes()
         n, large = len(index), m.num_views
-        # one backbone call per resolution, as in the paper (BN statistics over all crops of a size)
-        feats, z = self.embed(torch.cat(views[:large]))
-        embeddings = [z]
+        # as SwAV's official model: one backbone call per resolution (its BN statistics over all crops of a size),
+        # then one head call over every crop's features (the head's BN statistics over all crops together)
+        feats = [self.backbone(torch.cat(views[:large]))]
         if len(views) > large:
-            embeddings.append(self.embed(torch.cat(views[large:]))[1])
-        z = F.normalize(torch.cat(embeddings), dim=1)
+            feats.append(self.backbone(torch.cat(views[large:])))
+        z = F.normalize(self.projector(torch.cat(feats)), dim=1)
         scores = list(self.prototypes(z).split(n))
         codes = self.codes([s.detach() for s in scores[:large]])
         loss = losses.swapped_prediction(scores, codes, m.temperature)
-        if self.queue is not None:
+        if self.queue is not None and self.current_epoch >= m.queue_start_epoch:
+            # filled from its start epoch on, as the official code creates it then: it is used once full, so its
+            # first use holds no embedding from before that epoch
             self.queue.enqueue(z[: large * n].detach().view(large, n, -1))
         self._track(loss, codes)
-        return StepOutput(loss=loss, features=feats[:n], logs={})
+        return StepOutput(loss=loss, features=feats[0][:n], logs={})
 
     def queue_active(self) -> bool:
         return (

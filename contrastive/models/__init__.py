@@ -71,8 +71,11 @@ def backbone_from_config(cfg, in_channels: int) -> nn.Module:
                           cfg.get("fc_dim", 0))
 
 
-def projection_head(in_dim: int, hidden_dim: int, out_dim: int, layers: int, batch_norm: bool = True) -> nn.Module:
-    """MLP head: ``layers`` linear layers, BN + ReLU between them; ``layers=1`` is MoCo v1's linear head."""
+def projection_head(in_dim: int, hidden_dim: int, out_dim: int, layers: int, batch_norm: bool = True,
+                    final_batch_norm: bool = False) -> nn.Module:
+    """MLP head: ``layers`` linear layers, (BN +) ReLU between them; ``layers=1`` is MoCo v1's linear head,
+    ``batch_norm=False`` with 2 layers MoCo v2's Linear-ReLU-Linear. ``final_batch_norm``: the last linear layer
+    without bias, then BN with a scale and no offset, as SimCLR's official head ends."""
     if layers < 1:
         raise ValueError(f"method.proj_layers must be >= 1, got {layers}")
     modules: list[nn.Module] = []
@@ -83,5 +86,10 @@ def projection_head(in_dim: int, hidden_dim: int, out_dim: int, layers: int, bat
             modules.append(nn.BatchNorm1d(hidden_dim))
         modules.append(nn.ReLU(inplace=True))
         dim = hidden_dim
-    modules.append(nn.Linear(dim, out_dim))
+    if not final_batch_norm:
+        modules.append(nn.Linear(dim, out_dim))
+        return nn.Sequential(*modules)
+    norm = nn.BatchNorm1d(out_dim)
+    norm.bias.requires_grad_(False)  # no offset: the bias stays 0 and no optimiser sees it
+    modules += [nn.Linear(dim, out_dim, bias=False), norm]
     return nn.Sequential(*modules)

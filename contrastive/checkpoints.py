@@ -1,0 +1,186 @@
+"""Checkpoints on disk: the atomic writer, the one reader (checksums verified, nothing unpickled), finding the one
+to resume, and the checks that a run folder and a checkpoint fit the run before any work starts."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+import zipfile
+import zlib
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.fabric.plugins.io import TorchCheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig
+
+from contrastive.config import ConfigError, check_resume
+
+log = logging.getLogger("contrastive")
+
+
+def last_checkpoint(dirpath: str | Path) -> ModelCheckpoint:
+    """Writes ``last.ckpt`` at the end of every training epoch. With no monitor the top-1 checkpoint is the latest
+    one; the ``save_last`` option is not used because Lightning 2.6 writes it only together with a top-k checkpoint,
+    so with ``save_top_k=0`` it would appear only when training ends, and a crash would lose the whole run.
+
+    At every training epoch's end, validated or not (Lightning's default saves after validation only when it does
+    not run every epoch), and always to ``last.ckpt``: a ``last.ckpt`` the callback did not write itself (a copied
+    folder, an unreadable file skipped by ``resume=auto``) is replaced, never kept beside a ``last-v1.ckpt``."""
+    return ModelCheckpoint(dirpath=dirpath, filename="last", monitor=None, save_top_k=1, every_n_epochs=1,
+                           save_on_train_epoch_end=True, enable_version_counter=False)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes a checkpoint to a temporary file in the target's folder, fsyncs it, then renames it over the target:
+    a crash or a full disk while saving leaves the previous checkpoint as it was, never a truncated one."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None or "://" in str(path):
+            # remote storage: Lightning's own transaction-based write
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        atomic_torch_save(checkpoint, Path(path))
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """``torch.save(obj, path)`` that either fully replaces ``path`` or leaves it untouched."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # a hidden name that no `*.ckpt` glob matches; unique per writer
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    # the rename itself is durable only once the folder's entry is on disk
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The checkpoint's contents, memory-mapped, after the zip's checksums were verified; tensors and plain values
+    only (``weights_only``: nothing in the file can run code). Raises ``ValueError`` naming the file if it cannot
+    be read. The one reader of checkpoints for every entry point."""
+    verify_checksums(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # torch.load raises many kinds of error for a damaged file
+        raise ValueError(f"{path} cannot be read as a checkpoint ({type(err).__name__}: {err}); it is truncated, "
+                         "damaged or not a checkpoint") from err
+
+
+def verify_checksums(path: str | Path) -> None:
+    """torch's zip reader does not check the CRC-32 stored for each entry, so a flipped byte inside a tensor would
+    load silently; read every entry once and compare (a file that is no zip is left to ``torch.load``)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError):
+        return
+    except (OSError, zlib.error) as err:
+        raise ValueError(f"{path} cannot be read as a checkpoint ({err}); it is truncated or damaged") from err
+    if bad is not None:
+        raise ValueError(f"{path} is damaged: the stored checksum of its entry {bad} does not match its bytes "
+                         "(a corrupted copy or disk); use another checkpoint")
+
+
+def checkpoint_method(checkpoint: dict[str, Any]) -> str | None:
+    """``method.name`` the checkpoint was trained with (from its saved hyper-parameters)."""
+    return checkpoint.get("hyper_parameters", {}).get("cfg", {}).get("method", {}).get("name")
+
+
+def find_resume_checkpoint(folder: str | Path, method: str) -> tuple[Path | None, str]:
+    """The newest readable ``*.ckpt`` in ``folder`` trained with ``method``, and a line saying what was found."""
+    folder = Path(folder)
+    paths = list(folder.glob("*.ckpt")) if folder.is_dir() else []
+    candidates = sorted(paths, key=lambda p: p.stat().st_mtime, reverse=True)
+    skipped = []
+    for path in candidates:
+        try:
+            found = checkpoint_method(read_checkpoint(path))
+        except ValueError:
+            skipped.append(f"{path.name} (unreadable)")
+            continue
+        if found == method:
+            return path, f"resume=auto: resuming from {path}"
+        skipped.append(f"{path.name} (method {found})")
+    why = f"; skipped {', '.join(skipped)}" if skipped else ""
+    return None, f"resume=auto: no {method} checkpoint in {folder}{why}; starting a fresh run"
+
+
+def resume_checkpoint(cfg: DictConfig, out: Path) -> str | None:
+    """``ckpt_path`` if given; with ``resume=auto`` the newest checkpoint of this method in the run folder, if any."""
+    if cfg.ckpt_path or cfg.resume != "auto":
+        return cfg.ckpt_path
+    path, line = find_resume_checkpoint(out / "checkpoints", cfg.method.name)
+    log.info(line)
+    if path:
+        check_resume(cfg, str(path))
+    return str(path) if path else None
+
+
+def check_run_folder(out: Path, ckpt_path: str | None, auto: bool = False) -> None:
+    """A run folder holds one run: a new run (or one resumed from another folder's checkpoint) into a folder that
+    already holds a run's summary or checkpoints would overwrite its config, summary and log and leave its
+    checkpoint beside the new one. With ``resume=auto`` and no readable checkpoint a fresh start is what was asked
+    for (it replaces unreadable checkpoints), unless the folder holds a finished run's summary."""
+    held = [p for p in (out / "metrics.json", *sorted((out / "checkpoints").glob("*.ckpt"))) if p.is_file()]
+    if auto and ckpt_path is None:
+        held = held[:1] if held and held[0].name == "metrics.json" else []
+    own = ckpt_path is not None and Path(ckpt_path).resolve().parent == (out / "checkpoints").resolve()
+    if held and not own:
+        found = ", ".join(str(p.relative_to(out)) for p in held[:3])
+        raise ConfigError(f"the run folder {out} already holds a run ({found}): continue it with resume=auto, or "
+                          "start this one in a new folder (hydra.run.dir=... or output_dir=...)")
+
+
+def prepare_checkpoint_folder(folder: Path) -> None:
+    """Removes the temporary files of saves cut short (a kill mid-save), and checks that a checkpoint can be
+    written here (a read-only folder, a path too long) before any training, not at the end of the first epoch."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for stale in folder.glob(".*.ckpt.*.tmp"):
+            stale.unlink(missing_ok=True)
+        # the same name length as the atomic save's temporary file
+        probe = folder / f".last.ckpt.{os.getpid()}.{'0' * 8}.tmp"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"cannot write checkpoints into {folder} ({err.strerror or err}): choose a writable run "
+                          "folder with a shorter path (hydra.run.dir=... or output_dir=...)") from None
+
+
+def check_compatible(model: L.LightningModule, ckpt_path: str) -> dict[str, Any]:
+    """The checkpoint's tensors have this model's names and shapes (a changed width, head, bank or queue size would
+    otherwise fail inside ``fit`` with a long traceback); returns the checkpoint."""
+    checkpoint = read_checkpoint(ckpt_path)
+    saved = checkpoint["state_dict"]
+    own = model.state_dict()
+    problems = [f"{k} missing" for k in own if k not in saved] + [f"{k} unexpected" for k in saved if k not in own]
+    problems += [f"{k} has shape {list(saved[k].shape)}, this config gives {list(v.shape)}"
+                 for k, v in own.items() if k in saved and saved[k].shape != v.shape]
+    if problems:
+        shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+        raise ConfigError(f"ckpt_path={ckpt_path!r} does not fit this config's model ({shown}): resume with the "
+                          "config it was trained with (its run folder's config.yaml)")
+    return checkpoint
+
+
+def keep_previous_log(csv: Path) -> None:
+    """Lightning's CSV logger deletes an existing ``metrics.csv``: a run resumed in its own folder keeps the
+    interrupted part's log beside the new one."""
+    if csv.is_file():
+        kept = csv.with_name(f"metrics.before-resume-{time.strftime('%Y%m%d-%H%M%S')}.csv")
+        csv.rename(kept)
+        log.info("resuming: the interrupted run's log is kept as %s", kept)

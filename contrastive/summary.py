@@ -1,0 +1,39 @@
+"""The run's summary: what ``metrics.json`` records beside the figures, and the table printed at the end."""
+
+from __future__ import annotations
+
+import resource
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_overrides() -> list[str]:
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        return list(HydraConfig.get().overrides.task)
+    return []
+
+
+def print_summary(summary: dict[str, Any], out: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{summary['method']} on {summary['data']} ({summary['backbone']}, {summary['epochs']} epochs)")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in summary.items():
+        if key in ("history", "overrides", "method", "data", "backbone") or value is None:
+            continue
+        table.add_row(key, f"{value:.2f}" if isinstance(value, float) else str(value))
+    console = Console()
+    console.print(table)
+    console.print(f"run folder: {out}")
