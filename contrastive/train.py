@@ -209,7 +209,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     loss = trainer.callback_metrics.get("train/loss_epoch", last.get("loss"))
     summary["final_loss"] = round(float(loss), 4) if loss is not None else None
     for key in ("linear_acc", "negatives_per_query", "dictionary_size", "staleness", "staleness_age_steps",
-                "false_negative_rate", "alignment", "uniformity", "embedding_std", "prototype_entropy"):
+                "false_negative_rate", "alignment", "uniformity", "embedding_std", "prototype_entropy", "drift",
+                "drift_age_steps", "drift_age_epochs", "dictionary_ratio"):
         if key in last:
             summary[key] = last[key]
     if cfg.eval.final:

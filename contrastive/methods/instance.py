@@ -25,12 +25,15 @@ from torch.utils.data import Subset
 from contrastive import distributed as dist
 from contrastive import losses
 from contrastive.methods.base import ContrastiveMethod, StepOutput, cosine_ramp
+from contrastive.metrics.drift import DriftProbe
 from contrastive.negatives import MemoryBank, Queue
 
 # the bank's cosines come from one product with the whole bank while it holds at most this many times the negatives
 # per query: measured on a CPU (n = 128, D = 128), 25x faster than gathering n x K rows at N = K, 6x at N = 12 K,
 # 2x at N = 50 K; with K = 4096, MNIST, CIFAR and STL-10 take the dense path, ImageNet the gather
 DENSE_BANK_RATIO = 32
+# snapshots per epoch of the views behind written keys, for the drift measure
+DRIFT_SLOTS = 16
 
 
 class InstanceDiscrimination(ContrastiveMethod):
@@ -50,6 +53,9 @@ class InstanceDiscrimination(ContrastiveMethod):
             self._log_z_fixed: bool | None = None  # host flag: testing log_z for NaN each step would sync with the GPU
         elif m.negatives == "queue":
             self.queue = Queue(m.queue_size, m.proj_out_dim)
+        if m.negatives != "batch":
+            self.drift = DriftProbe(slots=DRIFT_SLOTS, rows=max(1, math.ceil(m.probe_size / DRIFT_SLOTS)))
+            self._drift_every: int | None = None
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         if not hasattr(self, "log_z"):  # a checkpoint from before log_z was kept for NCE runs only
@@ -87,6 +93,9 @@ class InstanceDiscrimination(ContrastiveMethod):
 
     # -- the bank's start --------------------------------------------------------------------------------------
     def on_train_start(self) -> None:
+        if self.negatives_source != "batch":
+            total = max(int(self.trainer.estimated_stepping_batches), 1)
+            self._drift_every = max(1, self.steps_per_epoch(total) // DRIFT_SLOTS)
         # a resumed run's bank has been written: it is never filled again
         if self.negatives_source == "bank" and self.cfg.method.bank_init == "encoder" and not bool(
             (self.bank.written_at >= 0).any()
@@ -149,8 +158,10 @@ class InstanceDiscrimination(ContrastiveMethod):
             loss = self.batch_loss(queries, keys, labels, logs)
         elif m.negatives == "bank":
             loss = self.bank_loss(queries, keys, other, index, labels, logs)
+            self.record_drift(views[0])  # the view whose key the bank took
         else:
             loss = self.queue_loss(queries, keys, other, index, labels, logs)
+            self.record_drift(views[1 if 1 in keys else 0])  # the view whose key was enqueued
         return StepOutput(loss=loss, features=feats[0], logs=logs)
 
     def batch_loss(self, queries, keys, labels, logs) -> Tensor:
@@ -263,6 +274,42 @@ class InstanceDiscrimination(ContrastiveMethod):
         return self.projector(self.backbone(x))
 
     @torch.no_grad()
+    def eval_key_net(self, x: Tensor) -> Tensor:
+        """:meth:`key_net` with batch norm in eval mode (running statistics, not updated), modes restored after."""
+        nets = (self.key_backbone, self.key_projector) if self.key_encoder_kind == "momentum" else (
+            self.backbone, self.projector)
+        modes = [net.training for net in nets]
+        for net in nets:
+            net.eval()
+        try:
+            return self.key_net(x)
+        finally:
+            for net, mode in zip(nets, modes):
+                net.train(mode)
+
+    def record_drift(self, view: Tensor) -> None:
+        """A few times per epoch (a fixed step schedule: no device sync), snapshot the view behind the keys just
+        written, for :class:`DriftProbe`."""
+        if self._drift_every is not None and self.global_step % self._drift_every == 0:
+            self.drift.record(self.global_step, view, self.eval_key_net)
+
+    def drift_window(self) -> int:
+        """Steps a key stays in the dictionary: one epoch in a bank (each image rewritten once an epoch), the queue's
+        length over the global batch in a queue."""
+        per_epoch = self.steps_per_epoch(max(int(self.trainer.estimated_stepping_batches), 1))
+        if self.negatives_source == "bank":
+            return per_epoch
+        return math.ceil(len(self.queue) / self.global_batch_size)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.negatives_source != "batch":
+            checkpoint["drift_probe"] = self.drift.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.negatives_source != "batch" and "drift_probe" in checkpoint:  # older checkpoints start it empty
+            self.drift.load_state_dict(checkpoint["drift_probe"])
+
+    @torch.no_grad()
     def dictionary_stats(self) -> dict[str, float]:
         """Negatives per query, dictionary size and, for a bank or queue, staleness: the mean cosine between the
         stored entries of a fixed probe subset and the same images encoded now by the key encoder (1 = fresh),
@@ -303,4 +350,19 @@ class InstanceDiscrimination(ContrastiveMethod):
             cos = F.cosine_similarity(stored[seen].float(), fresh[seen].float(), dim=1)
             stats["staleness"] = float(cos.mean())
             stats["staleness_age_steps"] = float((self.global_step - written[seen]).float().mean())
+        if self._drift_every is not None:
+            stats.update(self.drift_stats())
+        return stats
+
+    def drift_stats(self) -> dict[str, float]:
+        """Encoder drift of the stored keys (:class:`DriftProbe`), their age in steps and epochs, and the regime:
+        the dictionary's size over the training set's."""
+        window = self.drift_window()
+        stats = self.drift.measure(self.global_step, self.eval_key_net, window)
+        if stats:
+            per_epoch = self.steps_per_epoch(max(int(self.trainer.estimated_stepping_batches), 1))
+            stats["drift_age_epochs"] = stats["drift_age_steps"] / per_epoch
+            stats["drift_window_steps"] = float(window)
+        size = len(self.bank) if self.negatives_source == "bank" else len(self.queue)
+        stats["dictionary_ratio"] = size / max(self.num_train, 1)
         return stats

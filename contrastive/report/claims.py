@@ -76,13 +76,29 @@ def claim_batch_size(runs: list[Run]) -> Claim:
 
 
 def claim_staleness(runs: list[Run]) -> Claim:
+    """On the encoder drift of the stored keys when the runs recorded it, else on the older staleness cosine."""
     statement = "The memory bank's stored keys are staler (less consistent with the current encoder) than MoCo's queue."
+    bank_runs, queue_runs = _family(runs, "memory bank"), _family(runs, "momentum queue")
+    if _values(bank_runs, "drift") and _values(queue_runs, "drift"):
+        rule = ("encoder drift (1 - cosine between a stored key's eval-mode encoding when written and now, on the same "
+                f"view) of memory-bank runs > of MoCo runs; {_TEST}")
+        bank, queue = _values(bank_runs, "drift"), _values(queue_runs, "drift")
+        test = compare(bank, queue)
+        regime = "; ".join(
+            f"{name}: keys {summarize(_values(group, 'drift_age_epochs')).mean:.2f} epochs old, dictionary / data "
+            f"{summarize(_values(group, 'dictionary_ratio')).mean:.2f}"
+            for name, group in (("memory bank", bank_runs), ("MoCo", queue_runs))
+            if _values(group, "drift_age_epochs") and _values(group, "dictionary_ratio"))
+        evidence = (f"drift: memory bank {summarize(bank).mean:.4f} (n={len(bank)}), MoCo {summarize(queue).mean:.4f} "
+                    f"(n={len(queue)}); bank - MoCo: {test.diff:+.4f}, {str(test).split(', ', 1)[1]}"
+                    + (f"; regime: {regime}" if regime else ""))
+        return Claim("b", statement, rule, test.verdict, evidence)
     rule = ("staleness cosine of MoCo runs > that of memory-bank runs (1 = fresh; the cosine also counts the "
-            f"augmentation and training-mode batch norm behind each stored key, not only encoder drift); {_TEST}")
-    bank = _values(_family(runs, "memory bank"), "staleness")
-    queue = _values(_family(runs, "momentum queue"), "staleness")
+            "augmentation and training-mode batch norm behind each stored key, not only encoder drift: runs that "
+            f"record `drift` are judged on it instead); {_TEST}")
+    bank, queue = _values(bank_runs, "staleness"), _values(queue_runs, "staleness")
     if not bank or not queue:
-        return Claim("b", statement, rule, UNMEASURED, "needs staleness from memory-bank and MoCo runs")
+        return Claim("b", statement, rule, UNMEASURED, "needs drift or staleness from memory-bank and MoCo runs")
     test = compare(queue, bank)
     bank_s, queue_s = summarize(bank), summarize(queue)
     evidence = (f"memory bank {bank_s.mean:.3f} (n={bank_s.n}), MoCo {queue_s.mean:.3f} (n={queue_s.n}); "

@@ -21,7 +21,8 @@ COLUMNS: list[tuple[str, str, int | None]] = [
     ("method", "method", None), ("backbone", "backbone", None), ("data", "data", None), ("epochs", "epochs", 0),
     ("batch", "global_batch_size", 0), ("negatives/query", "negatives_per_query", 0), ("kNN", "knn_acc", 1),
     ("1-shot kNN", "knn_acc_1shot", 1), ("10-shot kNN", "knn_acc_10shot", 1), ("linear (online)", "linear_acc", 1),
-    ("offline linear", "offline_linear_acc", 1), ("staleness", "staleness", 3),
+    ("offline linear", "offline_linear_acc", 1), ("staleness", "staleness", 3), ("drift", "drift", 4),
+    ("key age (epochs)", "drift_age_epochs", 2), ("dictionary / data", "dictionary_ratio", 2),
     ("false-neg. rate", "false_negative_rate", 3), ("alignment", "alignment", 3), ("uniformity", "uniformity", 3),
     ("images/s", "images_per_sec", 0), ("peak mem (MB)", "peak_mem_mb", 0), ("time (s)", "train_time_s", 1),
 ]
