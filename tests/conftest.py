@@ -86,3 +86,25 @@ def fit(model, dm, callbacks=(), **trainer_args):
     trainer = L.Trainer(callbacks=list(callbacks), **{**args, **trainer_args})
     trainer.fit(model, datamodule=dm)
     return trainer
+
+
+def collapse_projector(monkeypatch) -> None:
+    """Every method ``train`` builds projects all images to one constant vector: an embedding collapse."""
+    import contrastive.methods as methods  # train() looks build_method up there at each call
+
+    class ConstantHead(torch.nn.Module):
+        def __init__(self, dim: int):
+            super().__init__()
+            self.register_buffer("value", torch.nn.functional.normalize(torch.ones(dim), dim=0))
+
+        def forward(self, x):
+            return self.value.expand(len(x), -1)
+
+    build_method = methods.build_method
+
+    def collapsed(cfg, num_train):
+        model = build_method(cfg, num_train)
+        model.projector = ConstantHead(cfg.method.proj_out_dim)
+        return model
+
+    monkeypatch.setattr(methods, "build_method", collapsed)

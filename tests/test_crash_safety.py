@@ -14,10 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
+from conftest import collapse_projector
 
-import contrastive.methods as methods_module  # train() looks build_method up there at each call
 from contrastive.callbacks import CollapseWarning, TrainingDiverged
 from contrastive.checkpoints import AtomicCheckpointIO, atomic_torch_save
 from contrastive.data.datasets import DataError
@@ -186,30 +184,12 @@ def test_wrong_format_data_file_names_the_file(cfg_factory, tmp_path):
 
 
 # -- collapse --------------------------------------------------------------------------------------------------------
-class ConstantHead(nn.Module):
-    """A projector that ignores its input: every image gets the same embedding."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.register_buffer("value", F.normalize(torch.ones(dim), dim=0))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.value.expand(len(x), -1)
-
-
 def collapse_warnings(record) -> list[str]:
     return [str(w.message) for w in record if issubclass(w.category, CollapseWarning)]
 
 
 def test_collapse_and_a_flat_loss_warn_once_each(cfg_factory, monkeypatch):
-    build = methods_module.build_method
-
-    def collapsed(cfg, num_train):
-        model = build(cfg, num_train)
-        model.projector = ConstantHead(cfg.method.proj_out_dim)
-        return model
-
-    monkeypatch.setattr(methods_module, "build_method", collapsed)
+    collapse_projector(monkeypatch)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         summary = train(cfg_factory(*TINY, "trainer.max_epochs=4"))

@@ -303,3 +303,18 @@ def test_cifar10_written_files_fail_the_md5_check_clearly(tmp_path):
     with pytest.raises(DataError, match="corrupted") as err:
         load_splits(cifar_cfg(tmp_path))
     assert str(tmp_path / "cifar-10-batches-py") in str(err.value)
+
+
+@pytest.mark.skipif(not CIFAR_NPZ.is_file(), reason="shared CIFAR-10 test npz absent")
+def test_compare_cifar10_cpu_experiment_loads_the_split():
+    from conftest import make_cfg
+
+    from contrastive.config import validate
+
+    cfg = make_cfg(["experiment=compare_cifar10_cpu", f"data.root={CIFAR_NPZ.parents[1]}"], fast=False)
+    validate(cfg)
+    assert (cfg.data.name, cfg.data.image_size, cfg.augment.color_jitter.p, cfg.backbone.name) == \
+        ("npz", 32, 0.8, "small_cnn")
+    train, val = load_splits(cfg.data)
+    direct, _ = load_splits(npz_cfg(CIFAR_NPZ))
+    assert (len(train), len(val)) == (8000, 2000) and torch.equal(train.images, direct.images)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_cfg
+from conftest import collapse_projector, make_cfg
 from torch import nn
 
 from contrastive.checkpoints import read_checkpoint
@@ -117,26 +117,8 @@ def poison_loss_from(monkeypatch, step: int) -> None:
     monkeypatch.setattr(ContrastiveMethod, "training_step", poisoned)
 
 
-class ConstantHead(nn.Module):
-    def __init__(self, dim: int):
-        super().__init__()
-        self.register_buffer("value", nn.functional.normalize(torch.ones(dim), dim=0))
-
-    def forward(self, x):
-        return self.value.expand(len(x), -1)
-
-
 def test_collapsed_checkpoint_is_not_called_good(tmp_path, monkeypatch):
-    import contrastive.methods as methods_module  # train() looks build_method up there at each call
-
-    build = methods_module.build_method
-
-    def collapsed(cfg, num_train):
-        model = build(cfg, num_train)
-        model.projector = ConstantHead(cfg.method.proj_out_dim)
-        return model
-
-    monkeypatch.setattr(methods_module, "build_method", collapsed)
+    collapse_projector(monkeypatch)
     poison_loss_from(monkeypatch, STEPS + 1)
     with pytest.raises(TrainingDiverged) as err:
         run(tmp_path, "trainer.max_epochs=3", "trainer.log_every_n_steps=1")
