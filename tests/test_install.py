@@ -16,9 +16,11 @@ pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="needs make
 
 
 def dry_run(target: str, **env: str) -> list[str]:
-    base = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHON")}
-    done = subprocess.run(["make", "-n", "-B", target], cwd=REPO, capture_output=True, text=True, check=True,
-                          env={**base, **env})
+    # under `make test` the tests run inside make: its MAKELEVEL / MAKEFLAGS must not reach this make
+    skip = ("VIRTUAL_ENV", "PYTHON", "MAKELEVEL", "MAKEFLAGS", "MFLAGS")
+    base = {k: v for k, v in os.environ.items() if k not in skip}
+    done = subprocess.run(["make", "--no-print-directory", "-n", "-B", target], cwd=REPO, capture_output=True,
+                          text=True, check=True, env={**base, **env})
     return done.stdout.splitlines()
 
 

@@ -16,8 +16,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def study_commands() -> list[list[str]]:
-    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHON")}
-    out = subprocess.run(["make", "-n", "-B", "study", "PYTHON=python"], cwd=REPO, capture_output=True, text=True,
+    skip = ("VIRTUAL_ENV", "PYTHON", "MAKELEVEL", "MAKEFLAGS", "MFLAGS")  # as in test_install: not make's own
+    env = {k: v for k, v in os.environ.items() if k not in skip}
+    out = subprocess.run(["make", "--no-print-directory", "-n", "-B", "study", "PYTHON=python"], cwd=REPO, capture_output=True, text=True,
                          check=True, env=env).stdout.replace("\\\n", " ")
     return [shlex.split(line)[3:] for line in out.splitlines() if "-m contrastive.train" in line]
 
