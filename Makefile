@@ -61,7 +61,7 @@ study: install
 		$(PYTHON) -m contrastive.report $(STUDY)/$$part --out results/study/$$part || exit 1; done
 
 lint:
-	$(PYTHON) -m ruff check contrastive tests
+	$(PYTHON) -m ruff check contrastive tests benchmarks
 
 clean:
 	rm -rf outputs multirun runs lightning_logs .pytest_cache .ruff_cache *.egg-info

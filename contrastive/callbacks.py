@@ -127,6 +127,63 @@ def process_age() -> float | None:
     return round(uptime - start_ticks / os.sysconf("SC_CLK_TCK"), 2)
 
 
+class ThreadGovernor(Callback):
+    """Fewer torch threads while other processes keep cores busy, all of them back when they leave.
+
+    torch's OpenMP threads spin at every parallel region's barrier. When another process takes a core, one of them is
+    descheduled for a whole time slice while the other spins: on a 2-core machine beside one CPU-bound process the
+    default SimCLR run took 3.3x its quiet time for 2x the CPU (BENCHMARKS.md). Every ``interval`` seconds of
+    training this reads the machine's busy time and this process's own (``/proc``, no device sync) and sets the
+    threads to the cores the others leave free (at least 1); Linux only, a no-op elsewhere."""
+
+    def __init__(self, interval: float = 2.0, busy: float = 0.6, idle: float = 0.3) -> None:
+        self.interval, self.busy, self.idle = interval, busy, idle
+        self.full = torch.get_num_threads()
+        self._last: tuple[float, float, float] | None = None
+        self.changes: list[tuple[int, int]] = []  # (step, threads) for each change
+
+    @staticmethod
+    def sample() -> tuple[float, float, float] | None:
+        """(wall seconds, seconds all CPUs were busy, this process's CPU seconds), or None without /proc."""
+        try:
+            fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        except (OSError, ValueError):
+            return None
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        hz = os.sysconf("SC_CLK_TCK")
+        own = os.times()
+        return time.monotonic(), (sum(fields[:8]) - idle) / hz, own.user + own.system
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if pl_module.device.type != "cpu" or self.full < 2:
+            return
+        now = time.monotonic()
+        if self._last is not None and now - self._last[0] < self.interval:
+            return
+        sample = self.sample()
+        if sample is None:
+            return
+        if self._last is not None:
+            wall = sample[0] - self._last[0]
+            others = max(0.0, (sample[1] - self._last[1]) - (sample[2] - self._last[2])) / wall  # cores
+            threads = torch.get_num_threads()
+            if others >= self.busy:
+                wanted = max(1, min(self.full, self.full - round(others)))
+            elif others <= self.idle:
+                wanted = self.full
+            else:
+                wanted = threads
+            if wanted != threads:
+                torch.set_num_threads(wanted)
+                self.changes.append((trainer.global_step, wanted))
+                log.info("other processes keep %.1f cores busy: %d torch threads", others, wanted)
+        self._last = sample
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if torch.get_num_threads() != self.full:  # evaluation after training runs as a quiet run would
+            torch.set_num_threads(self.full)
+
+
 # -- crash-safe checkpoints ------------------------------------------------------------------------------------
 
 

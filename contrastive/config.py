@@ -210,6 +210,8 @@ class EvalConfig:
 @dataclass
 class PerfConfig:
     threads: Optional[int] = None   # CPU threads for torch (null: torch's default, one per core)
+    # null threads on a CPU: give a core back to other processes while they keep it busy (see ThreadGovernor)
+    adapt_threads: bool = True
     channels_last: bool = False
     compile: bool = False
     matmul_precision: str = "high"

@@ -90,6 +90,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         History,
         ResumeSettings,
         RNGState,
+        ThreadGovernor,
         Throughput,
     )
     from contrastive.checkpoints import (
@@ -154,6 +155,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         last_checkpoint(out / "checkpoints"),
         history, throughput, RNGState(), guard, CollapseWatch(), ResumeSettings(),
     ]
+    if cfg.perf.adapt_threads and not cfg.perf.threads:
+        callbacks.append(ThreadGovernor())
     if cfg.logger.name != "none":  # Lightning refuses a learning-rate monitor without a logger
         callbacks.append(LearningRateMonitor(logging_interval="epoch"))
     if cfg.trainer.enable_progress_bar:
