@@ -620,8 +620,9 @@ def torchvision_views(cfg):
 
 
 def lightly_views(cfg):
-    """lightly's SimCLR transform with the framework's augmentation settings."""
-    from lightly.transforms import SimCLRTransform
+    """lightly's SimCLR transform with the framework's augmentation settings. lightly is imported only here and in
+    :func:`run_loader_loop`: it is the benchmark's contender, run from its own venv, never a dependency."""
+    from lightly.transforms import SimCLRTransform  # optional
 
     a, d = cfg.augment, cfg.data
     jitter = a.color_jitter
@@ -648,9 +649,9 @@ def run_loader_loop(spec: dict[str, Any], channel: Channel) -> dict[str, Any]:
     m, b = cfg.method, cfg.backbone
     backbone = backbone_from_config(b, cfg.data.channels)
     if spec["kind"] == "lightly":
-        import lightly
-        from lightly.loss import NTXentLoss
-        from lightly.models.modules import SimCLRProjectionHead
+        import lightly  # optional
+        from lightly.loss import NTXentLoss  # optional
+        from lightly.models.modules import SimCLRProjectionHead  # optional
 
         projector: nn.Module = SimCLRProjectionHead(backbone.out_dim, m.proj_hidden_dim, m.proj_out_dim)
         criterion = NTXentLoss(temperature=m.temperature)

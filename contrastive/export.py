@@ -45,25 +45,16 @@ def backbone_spec(backbone_cfg: dict[str, Any], in_channels: int) -> dict[str, A
 
 
 def build_from_spec(spec: dict[str, Any]) -> nn.Module:
-    """The empty module of :func:`backbone_spec`, built with torchvision's constructor for the ResNets."""
-    cfg, channels = spec["backbone"], int(spec["in_channels"])
-    if cfg["name"] == "small_cnn":
-        from contrastive.models import SmallCNN
+    """The empty module of :func:`backbone_spec`: the training code's own constructor, which builds the ResNets
+    with torchvision's (tests check that the stated torchvision recipe loads the same weights)."""
+    from omegaconf import OmegaConf
 
-        return SmallCNN(channels, cfg.get("width", 32), cfg.get("depth", 4), cfg.get("pool_size", 1),
-                        cfg.get("fc_dim", 0))
-    import torchvision
+    from contrastive.models import backbone_from_config
 
-    if not hasattr(torchvision.models, cfg["name"]):
-        raise ExportError(f"backbone.name={cfg['name']!r} is not a torchvision model")
-    net = getattr(torchvision.models, cfg["name"])(weights=None)
-    net.fc = nn.Identity()
-    if cfg.get("small_images", True):
-        net.conv1 = nn.Conv2d(channels, 64, 3, stride=1, padding=1, bias=False)
-        net.maxpool = nn.Identity()
-    elif channels != 3:
-        net.conv1 = nn.Conv2d(channels, 64, 7, stride=2, padding=3, bias=False)
-    return net
+    try:
+        return backbone_from_config(OmegaConf.create(spec["backbone"]), int(spec["in_channels"]))
+    except ValueError as err:
+        raise ExportError(str(err)) from None
 
 
 def backbone_state(ckpt: str | Path, encoder: str = "query") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -27,6 +27,16 @@ import pytest
 import torch
 
 TESTS = Path(__file__).resolve().parent
+
+
+def distributed_cases():
+    """tests/test_distributed.py, whose cases and 1-process reference step these tests reuse, loaded from its file."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("distributed_cases", TESTS / "test_distributed.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 ROOT = TESTS.parent
 NODES = 2
 B = 16  # per node in the CLI runs
@@ -130,7 +140,7 @@ def node_steps(request, tmp_path_factory) -> dict[str, object]:
 
 @pytest.fixture(scope="module")
 def single_steps() -> dict[str, dict[str, object]]:
-    import test_distributed as td
+    td = distributed_cases()
 
     single = {name: td.compose_container([f"data.batch_size={td.WORLD * td.B}", *over, *extra])
               for name, (over, extra) in td.CASES.items()}
@@ -149,7 +159,7 @@ def test_each_node_has_its_rank_from_the_launcher(node_steps):
 
 @pytest.mark.slow
 def test_one_step_on_two_nodes_equals_one_process(node_steps, single_steps):
-    import test_distributed as td
+    td = distributed_cases()
 
     for name, single in single_steps.items():
         assert single["grads"] and any(g.abs().max() > 1e-4 for g in single["grads"].values())
@@ -169,7 +179,7 @@ def rank_main(out: Path) -> None:
     sys.path.insert(0, str(TESTS))
     torch.set_num_threads(1)
     import lightning as L
-    import test_distributed as td
+    td = distributed_cases()
     import torch.distributed as tdist
     from conftest import make_cfg
 

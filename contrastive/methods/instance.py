@@ -293,10 +293,9 @@ class InstanceDiscrimination(ContrastiveMethod):
         if self._drift_every is not None and self.global_step % self._drift_every == 0:
             self.drift.record(self.global_step, view, self.eval_key_net)
 
-    def drift_window(self) -> int:
+    def drift_window(self, per_epoch: int) -> int:
         """Steps a key stays in the dictionary: one epoch in a bank (each image rewritten once an epoch), the queue's
         length over the global batch in a queue."""
-        per_epoch = self.steps_per_epoch(max(int(self.trainer.estimated_stepping_batches), 1))
         if self.negatives_source == "bank":
             return per_epoch
         return math.ceil(len(self.queue) / self.global_batch_size)
@@ -357,10 +356,10 @@ class InstanceDiscrimination(ContrastiveMethod):
     def drift_stats(self) -> dict[str, float]:
         """Encoder drift of the stored keys (:class:`DriftProbe`), their age in steps and epochs, and the regime:
         the dictionary's size over the training set's."""
-        window = self.drift_window()
+        per_epoch = self.steps_per_epoch(max(int(self.trainer.estimated_stepping_batches), 1))
+        window = self.drift_window(per_epoch)
         stats = self.drift.measure(self.global_step, self.eval_key_net, window)
         if stats:
-            per_epoch = self.steps_per_epoch(max(int(self.trainer.estimated_stepping_batches), 1))
             stats["drift_age_epochs"] = stats["drift_age_steps"] / per_epoch
             stats["drift_window_steps"] = float(window)
         size = len(self.bank) if self.negatives_source == "bank" else len(self.queue)
