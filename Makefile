@@ -42,9 +42,10 @@ test-all: install
 # memory; written as a section of BENCHMARKS.md. CPU dry run: tests/test_bench.py (slow).
 .PHONY: bench-gpu
 bench-gpu:
-	$(PYTHON) -m contrastive.bench --device cuda --lightly none --markdown BENCHMARKS.md
+	$(PYTHON) benchmarks/bench.py --device cuda --lightly none --markdown BENCHMARKS.md
 
-# The survey study, resumable (run it again after a stop: finished runs are kept, the others resume): the four
+# The survey study, resumable (run it again after a stop: finished runs are kept, the others resume; each run's
+# folder is named by its method or sweep point and seed, so a part run alone, e.g. seed=0, is found again): the four
 # methods x 3 seeds on the CIFAR-10 split with per-stage probes; the MoCo paper's Figure 3 on MNIST, 2 seeds, at equal
 # epochs and at equal optimiser steps; one report each in results/study/. About 3 hours on a 2-core CPU.
 STUDY ?= runs/study
@@ -52,16 +53,20 @@ DATA ?= ../shared/data
 SIDE_BY_SIDE = hydra/launcher=parallel perf.threads=1 resume=auto data.root=$(DATA)
 study: install
 	$(PYTHON) -m contrastive.train -m experiment=compare_cifar10_cpu seed=0,1,2 eval.stages=true $(SIDE_BY_SIDE) \
-		hydra.sweep.dir=$(STUDY)/cifar10
+		hydra.sweep.dir=$(STUDY)/cifar10 \
+		'hydra.sweep.subdir=$${method.name}_seed$${seed}'
 	$(PYTHON) -m contrastive.train -m experiment=negatives_sweep seed=0,1 trainer.max_epochs=4 $(SIDE_BY_SIDE) \
-		hydra.sweep.dir=$(STUDY)/negatives_epochs
+		hydra.sweep.dir=$(STUDY)/negatives_epochs \
+		'hydra.sweep.subdir=$${hydra:runtime.choices.nsweep}_seed$${seed}'
 	$(PYTHON) -m contrastive.train -m experiment=negatives_sweep_steps seed=0,1 trainer.max_steps=500 $(SIDE_BY_SIDE) \
-		hydra.sweep.dir=$(STUDY)/negatives_steps
+		hydra.sweep.dir=$(STUDY)/negatives_steps \
+		'hydra.sweep.subdir=$${hydra:runtime.choices.nsweep}_seed$${seed}'
 	for part in cifar10 negatives_epochs negatives_steps; do \
 		$(PYTHON) -m contrastive.report $(STUDY)/$$part --out results/study/$$part || exit 1; done
 
 lint:
 	$(PYTHON) -m ruff check contrastive tests benchmarks
+	$(PYTHON) -m ruff format --check contrastive tests benchmarks
 
 clean:
 	rm -rf outputs multirun runs lightning_logs .pytest_cache .ruff_cache *.egg-info

@@ -289,12 +289,11 @@ class DivergenceGuard(Callback):
 
     NONE = torch.iinfo(torch.int64).max
 
-    def __init__(self, check_every: int = 50, folder: str | Path | None = None, resumed_from: str | None = None,
-                 collapse_ratio: float = 0.02) -> None:
+    def __init__(self, check_every: int = 50, folder: str | Path | None = None,
+                 resumed_from: str | None = None) -> None:
         self.check_every = max(int(check_every), 1)
         self.folder = Path(folder) if folder is not None else None
         self.resumed_from = resumed_from
-        self.collapse_ratio = collapse_ratio
         self.saved: dict[str, Any] | None = None
         self._unset: set[str] = set()
         self._first_bad: torch.Tensor | None = None
@@ -339,8 +338,7 @@ class DivergenceGuard(Callback):
                 trainer, pl_module, trainer.global_step,
                 what=f"model tensors are not finite ({shown}) at the end of epoch {trainer.current_epoch}"))
         std = trainer.callback_metrics.get("diag/embedding_std")
-        spread = 1 / math.sqrt(pl_module.cfg.method.proj_out_dim)
-        collapsed = std is not None and float(std) < self.collapse_ratio * spread
+        collapsed = std is not None and embeddings_collapsed(float(std), pl_module)
         self.saved = {"epoch": trainer.current_epoch, "step": trainer.global_step,
                       "collapsed_std": float(std) if collapsed else None}
 
@@ -386,18 +384,36 @@ class CollapseWarning(RuntimeWarning):
     """The embeddings collapsed or the loss stopped moving."""
 
 
+COLLAPSE_STD_RATIO = 0.02  # of the spread of embeddings covering the sphere, 1/sqrt(D)
+
+
+def embeddings_collapsed(std: float, pl_module: L.LightningModule, ratio: float = COLLAPSE_STD_RATIO) -> bool:
+    """``diag/embedding_std`` below ``ratio`` of its value for embeddings spread over the sphere: all images map to
+    nearly one point. The one criterion of the collapse warning and of the checkpoint messages."""
+    return std < ratio * embedding_spread(pl_module)
+
+
+def embedding_spread(pl_module: L.LightningModule) -> float:
+    return 1 / math.sqrt(pl_module.cfg.method.proj_out_dim)
+
+
 class CollapseWatch(Callback):
-    """Warns once when the embeddings collapse and once when the loss stops moving, with the likely causes.
+    """The one collapse alarm: warns once per kind, with the likely causes, when the embeddings collapse, when the
+    loss stops moving, or when the method reports its own signs of collapse.
 
     Collapse: ``diag/embedding_std`` (per-dimension std of the normalised embeddings, logged each validation) below
     ``std_ratio`` of its value for embeddings spread over the sphere (``1/sqrt(D)``) for ``patience`` validated
     epochs in a row. Stall: the epoch loss within ``rel_tol`` (relative) of the previous one for ``patience``
-    epochs in a row; augmentation noise alone moves a learning run's epoch loss by far more.
+    epochs in a row; augmentation noise alone moves a learning run's epoch loss by far more. Method: a module with
+    ``collapse_signs()`` (called at the end of each training epoch, before the module's own epoch-end hook) returns
+    a message while its own figures look collapsed (SwAV: codes on one prototype), else None; ``patience`` epochs in
+    a row warn.
     """
 
-    def __init__(self, std_ratio: float = 0.02, rel_tol: float = 1e-4, patience: int = 3) -> None:
+    def __init__(self, std_ratio: float = COLLAPSE_STD_RATIO, rel_tol: float = 1e-4, patience: int = 3) -> None:
         self.std_ratio, self.rel_tol, self.patience = std_ratio, rel_tol, patience
         self._low_std = 0
+        self._method_signs = 0
         self._flat = 0
         self._last_loss: float | None = None
         self._validated_epoch = -1
@@ -411,8 +427,8 @@ class CollapseWatch(Callback):
         metrics = trainer.callback_metrics
         std = metrics.get("diag/embedding_std")
         if std is not None and self._validated_epoch == trainer.current_epoch:
-            spread = 1 / math.sqrt(pl_module.cfg.method.proj_out_dim)
-            self._low_std = self._low_std + 1 if float(std) < self.std_ratio * spread else 0
+            spread = embedding_spread(pl_module)
+            self._low_std = self._low_std + 1 if embeddings_collapsed(float(std), pl_module, self.std_ratio) else 0
             if self._low_std >= self.patience:
                 self._warn(trainer, "collapse", (
                     f"the embeddings look collapsed: for {self._low_std} epochs the per-dimension std of the "
@@ -422,6 +438,11 @@ class CollapseWatch(Callback):
                     "(method.temperature), too few or too easy negatives (data.batch_size, method.queue_size), "
                     "augmentations too weak to make the task hard (augment.*), or a projector that ignores its "
                     "input."))
+        signs = getattr(pl_module, "collapse_signs", None)
+        sign = signs() if callable(signs) else None
+        self._method_signs = self._method_signs + 1 if sign else 0
+        if self._method_signs >= self.patience:
+            self._warn(trainer, "method", f"{sign} (for {self._method_signs} epochs)")
         loss = metrics.get("train/loss_epoch")
         if loss is None or not math.isfinite(float(loss)):
             return

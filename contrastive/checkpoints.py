@@ -37,13 +37,19 @@ def last_checkpoint(dirpath: str | Path) -> ModelCheckpoint:
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes a checkpoint to a temporary file in the target's folder, fsyncs it, then renames it over the target:
-    a crash or a full disk while saving leaves the previous checkpoint as it was, never a truncated one."""
+    a crash or a full disk while saving leaves the previous checkpoint as it was, never a truncated one. Reads
+    (Lightning's resume) go through :func:`read_checkpoint`."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         if storage_options is not None or "://" in str(path):
             # remote storage: Lightning's own transaction-based write
             return super().save_checkpoint(checkpoint, path, storage_options)
         atomic_torch_save(checkpoint, Path(path))
+
+    def load_checkpoint(self, path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        if "://" in str(path):  # remote storage: Lightning's fsspec reader
+            return super().load_checkpoint(path, *args, **kwargs)
+        return read_checkpoint(path)
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
@@ -78,6 +84,20 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     except Exception as err:  # torch.load raises many kinds of error for a damaged file
         raise ValueError(f"{path} cannot be read as a checkpoint ({type(err).__name__}: {err}); it is truncated, "
                          "damaged or not a checkpoint") from err
+
+
+def read_run_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A checkpoint of a training run (:func:`read_checkpoint`) and the config it was trained with; ``ValueError``
+    ``ckpt=... is not a contrastive checkpoint`` if it cannot be read or holds no config and weights."""
+    try:
+        state = read_checkpoint(path)
+    except ValueError as err:
+        raise ValueError(f"ckpt={str(path)!r} is not a contrastive checkpoint: {err}") from None
+    hparams = state.get("hyper_parameters") if isinstance(state, dict) else None
+    cfg = hparams.get("cfg") if isinstance(hparams, dict) else None
+    if not isinstance(cfg, dict) or "state_dict" not in state:
+        raise ValueError(f"ckpt={str(path)!r} is not a contrastive checkpoint (no config inside)")
+    return state, cfg
 
 
 def verify_checksums(path: str | Path) -> None:

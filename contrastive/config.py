@@ -1,14 +1,13 @@
 """Typed schemas for every config group, so a mistyped key or a wrong type fails when Hydra composes.
 
-The YAML files in ``contrastive/conf`` fill these in; ``validate`` then checks values that types cannot express,
-before any training starts, and names the offending key.
+The YAML files in ``conf/`` (installed as ``contrastive.conf``) fill these in; ``validate`` then checks values that
+types cannot express, before any training starts, and names the offending key.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
@@ -16,7 +15,7 @@ from typing import Any, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from contrastive.errors import ConfigError
+from contrastive.errors import ConfigError, ConfigWarning  # noqa: F401 (ConfigWarning: re-exported for callers)
 
 
 @dataclass
@@ -250,15 +249,6 @@ def register_configs() -> None:
     cs.store(group="schema", name="logger", node=LoggerConfig)
 
 
-class ConfigWarning(UserWarning):
-    """A config value that runs but is unlikely to be what was meant."""
-
-
-INSTANCE_METHODS = ("simclr", "memory_bank", "moco")
-KEY_ENCODERS = ("shared", "momentum")
-NEGATIVE_SOURCES = ("batch", "bank", "queue")
-BANK_INITS = ("random", "encoder")
-NCE_Z = ("random_start", "first_batch")
 LOGGERS = ("csv", "tensorboard", "wandb", "none")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
 PRECISIONS = ("32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true", "transformer-engine",
@@ -304,7 +294,7 @@ def validate(cfg: Any, world_size: int = 1) -> None:
     _require(cfg.data.batch_size > 0, f"data.batch_size={cfg.data.batch_size} must be > 0")
     threads = cfg.perf.threads
     _require(threads is None or threads >= 1, f"perf.threads={threads} must be >= 1 (null: one per core)")
-    in_batch = m.name in INSTANCE_METHODS and m.negatives == "batch"
+    in_batch = m.get("negatives") == "batch"
     _require(cfg.data.batch_size >= 2,
              f"data.batch_size={cfg.data.batch_size} must be >= 2: batch norm needs two samples per process"
              + (", and in-batch negatives (method.negatives=batch) need other samples in the batch" if in_batch else ""))
@@ -322,26 +312,8 @@ def validate(cfg: Any, world_size: int = 1) -> None:
     _require(0 < cfg.data.eval_crop <= 1,
              f"data.eval_crop={cfg.data.eval_crop} must be in (0, 1] (the central fraction of each side kept)")
     _check_devices(cfg.trainer)
-    global_batch = cfg.data.batch_size * world_size
-    if m.name in INSTANCE_METHODS:
-        _require(m.key_encoder in KEY_ENCODERS, f"method.key_encoder={m.key_encoder!r}; choose one of {', '.join(KEY_ENCODERS)}")
-        _require(m.negatives in NEGATIVE_SOURCES, f"method.negatives={m.negatives!r}; choose one of {', '.join(NEGATIVE_SOURCES)}")
-        _require(m.loss in ("info_nce", "nce"), f"method.loss={m.loss!r}; choose info_nce or nce")
-        _require(m.loss == "info_nce" or m.negatives == "bank", "method.loss=nce needs method.negatives=bank")
-        _require(m.negatives == "bank" or m.num_views == 2,
-                 f"method.num_views={m.num_views}: negatives={m.negatives} needs 2 views (a positive pair); "
-                 "only the memory bank can use 1 (its positive is the stored entry)")
-        _require(m.num_views <= 2, f"method.num_views={m.num_views} must be 1 or 2 for {m.name}")
-        _require(0 <= m.momentum <= 1, f"method.momentum={m.momentum} must be in [0, 1]")
-        _require(0 <= m.bank_momentum < 1, f"method.bank_momentum={m.bank_momentum} must be in [0, 1)")
-        _require(m.bank_init in BANK_INITS, f"method.bank_init={m.bank_init!r}; choose one of {', '.join(BANK_INITS)}")
-        _require(m.nce_z in NCE_Z, f"method.nce_z={m.nce_z!r}; choose one of {', '.join(NCE_Z)}")
-        if m.negatives == "queue":
-            _require(m.queue_size > 0 and m.queue_size % global_batch == 0,
-                     f"method.queue_size={m.queue_size} must be a positive multiple of the global batch "
-                     f"({cfg.data.batch_size} x {world_size} processes = {global_batch}), or the queue is silently truncated")
-        if m.num_negatives is not None:
-            _require(m.num_negatives > 0, f"method.num_negatives={m.num_negatives} must be > 0")
+    # the method's own rules, and those of its key encoder and source of negatives, live with them
+    METHODS[m.name].check_config(cfg, world_size)
     if cfg.ckpt_path:
         check_resume(cfg, str(cfg.ckpt_path))
 
@@ -353,14 +325,9 @@ def validate_with_data(cfg: Any, num_train: int, world_size: int = 1) -> None:
     _require(num_train >= global_batch,
              f"data.batch_size={cfg.data.batch_size}: the global batch ({global_batch}) is larger than the training set "
              f"({num_train} images) and drop_last would leave no batch")
-    if m.name in INSTANCE_METHODS and m.negatives == "bank" and m.num_negatives is not None:
-        _require(m.num_negatives < num_train,
-                 f"method.num_negatives={m.num_negatives} must be smaller than the bank ({num_train} training images)")
-    if m.name == "swav" and m.num_prototypes > num_train // 2:
-        warnings.warn(
-            f"method.num_prototypes={m.num_prototypes} for {num_train} training images: with more than one "
-            f"prototype per two images the equipartitioned codes cannot group images; use at most {num_train // 2} "
-            "(about 10x the number of classes works on small data)", ConfigWarning, stacklevel=2)
+    from contrastive.methods import METHODS
+
+    METHODS[m.name].check_with_data(cfg, num_train, world_size)
 
 
 def _check_crops(cfg: Any) -> None:
@@ -480,9 +447,6 @@ def _check_at_least(cfg: Any) -> None:
               ("trainer.log_every_n_steps", cfg.trainer.log_every_n_steps, 1),
               ("trainer.check_val_every_n_epoch", cfg.trainer.check_val_every_n_epoch, 1),
               ("trainer.accumulate_grad_batches", cfg.trainer.accumulate_grad_batches, 1)]
-    if m.name == "swav":
-        checks += [("method.num_prototypes", m.num_prototypes, 1),
-                   ("method.sinkhorn_iterations", m.sinkhorn_iterations, 1)]
     for key, value, least in checks:
         _require(value >= least, f"{key}={value} must be >= {least}")
     o = cfg.optim

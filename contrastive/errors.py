@@ -30,6 +30,10 @@ class ConfigError(ValueError):
     """A config value that cannot work; the message names the key and what is allowed."""
 
 
+class ConfigWarning(UserWarning):
+    """A config value that runs but is unlikely to be what was meant."""
+
+
 class DataError(ValueError):
     """Data that cannot be found or read; the message names the path and the override that fixes it."""
 

@@ -41,10 +41,10 @@ def extract_features(encoder: nn.Module | None, transform: nn.Module, loader, de
 
 def evaluate_features(
     train: tuple[Tensor, Tensor], val: tuple[Tensor, Tensor], num_classes: int, cfg: DictConfig,
-    prefix: str = "", full: bool = True,
+    prefix: str = "", full: bool = True, offline: bool = True,
 ) -> dict[str, float]:
     """kNN with all labels and with ``cfg.shots`` labels per class (mean over ``cfg.fewshot_seeds`` seeds);
-    with ``full``, also few-shot and offline linear probes."""
+    with ``full``, also few-shot linear probes, and the offline linear probe unless ``offline`` is false."""
     (xt, yt), (xv, yv) = train, val
     seeds = range(cfg.fewshot_seeds)
     knn = dict(k=cfg.knn_k, temperature=cfg.knn_temperature)
@@ -55,7 +55,7 @@ def evaluate_features(
             out[f"{prefix}fewshot_linear_acc_{shots}shot"] = fewshot_linear_accuracy(
                 xt, yt, xv, yv, num_classes, shots, seeds
             )
-    if full and cfg.linear_epochs > 0:
+    if full and offline and cfg.linear_epochs > 0:
         out[f"{prefix}offline_linear_acc"] = linear_accuracy(xt, yt, xv, yv, num_classes, epochs=cfg.linear_epochs)
     return {k: round(float(v), 2) for k, v in out.items()}
 
@@ -67,9 +67,24 @@ def evaluate_encoder(encoder: nn.Module, transform: nn.Module, datamodule, cfg: 
     return evaluate_features(train, val, datamodule.num_classes, cfg, **kwargs)
 
 
+def evaluate_stages(backbone: nn.Module, transform: nn.Module, datamodule, cfg: DictConfig, device) -> dict:
+    """The probes of :func:`evaluate_features` but the offline linear one on every stage of the encoder
+    (:mod:`contrastive.metrics.stages`), as ``stage_<name>_<metric>``; ``stages`` lists the names, shallow to deep."""
+    from contrastive.metrics.stages import stage_features
+
+    train_loader, val_loader = datamodule.eval_loaders()
+    train_feats, yt = stage_features(backbone, transform, train_loader, device)
+    val_feats, yv = stage_features(backbone, transform, val_loader, device)
+    out: dict = {"stages": list(train_feats)}
+    for name, xt in train_feats.items():
+        out.update(evaluate_features((xt, yt), (val_feats[name], yv), datamodule.num_classes, cfg,
+                                     prefix=f"stage_{name}_", offline=False))
+    return out
+
+
 def evaluate_checkpoint(ckpt: str | Path, overrides: dict | None = None) -> dict[str, float]:
     """Rebuild the model and data of a checkpoint from the config stored in it, and evaluate the backbone."""
-    from contrastive.checkpoints import read_checkpoint
+    from contrastive.checkpoints import read_run_checkpoint
     from contrastive.data.datamodule import ContrastiveDataModule
     from contrastive.methods import method_class
 
@@ -77,14 +92,9 @@ def evaluate_checkpoint(ckpt: str | Path, overrides: dict | None = None) -> dict
     if not path.is_file():
         raise FileNotFoundError(f"ckpt={str(path)!r} does not exist")
     # tensors and plain values only, checksums verified: a crafted file cannot run code here
-    try:
-        state = read_checkpoint(path)
-    except ValueError as err:
-        raise ValueError(f"ckpt={str(path)!r} is not a contrastive checkpoint: {err}") from None
-    hparams = state.get("hyper_parameters") if isinstance(state, dict) else None
-    if not isinstance(hparams, dict) or "cfg" not in hparams or "state_dict" not in state:
-        raise ValueError(f"ckpt={str(path)!r} is not a contrastive checkpoint (no config inside)")
-    cfg = OmegaConf.create(hparams["cfg"])
+    state, saved = read_run_checkpoint(path)
+    hparams = state["hyper_parameters"]
+    cfg = OmegaConf.create(saved)
     if overrides:
         cfg = _apply_overrides(cfg, overrides)
     model = method_class(cfg.method.name)(cfg, hparams["num_train"])

@@ -59,17 +59,17 @@ def build_from_spec(spec: dict[str, Any]) -> nn.Module:
 
 def backbone_state(ckpt: str | Path, encoder: str = "query") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The backbone's ``state_dict`` from a training checkpoint (read without unpickling code), and its spec."""
-    from contrastive.checkpoints import read_checkpoint
+    from contrastive.checkpoints import read_run_checkpoint
 
     path = Path(ckpt)
     if not path.is_file():
         raise ExportError(f"ckpt={str(path)!r} does not exist")
     if encoder not in PREFIXES:
         raise ExportError(f"encoder={encoder!r} is not known; choose query or key")
-    state = read_checkpoint(path)
-    cfg = state.get("hyper_parameters", {}).get("cfg") if isinstance(state, dict) else None
-    if not isinstance(cfg, dict) or "state_dict" not in state:
-        raise ExportError(f"ckpt={str(path)!r} is not a contrastive checkpoint (no config inside)")
+    try:
+        state, cfg = read_run_checkpoint(path)
+    except ValueError as err:
+        raise ExportError(str(err)) from None
     prefix = PREFIXES[encoder]
     weights = {k[len(prefix):]: v.clone() for k, v in state["state_dict"].items() if k.startswith(prefix)}
     if not weights:
@@ -96,6 +96,8 @@ def export_backbone(ckpt: str | Path, out: str | Path | None = None, encoder: st
 
 def load_backbone(path: str | Path, spec: dict[str, Any] | None = None) -> nn.Module:
     """The exported backbone at ``path``, built from its spec (``path.json`` unless given) and loaded strictly."""
+    from contrastive.checkpoints import read_checkpoint
+
     path = Path(path)
     if not path.is_file():
         raise ExportError(f"{path} does not exist")
@@ -106,9 +108,9 @@ def load_backbone(path: str | Path, spec: dict[str, Any] | None = None) -> nn.Mo
                               "(pass spec= to load_backbone)")
         spec = json.loads(spec_path.read_text())
     try:
-        weights = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # a damaged file raises one of many errors
-        raise ExportError(f"{path} cannot be read as a state_dict ({type(err).__name__}: {err})") from err
+        weights = read_checkpoint(path)  # checksums verified, tensors only
+    except ValueError as err:
+        raise ExportError(str(err)) from None
     net = build_from_spec(spec)
     net.load_state_dict(weights, strict=True)
     return net.eval()

@@ -103,7 +103,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         resume_checkpoint,
     )
     from contrastive.data.datamodule import ContrastiveDataModule
-    from contrastive.evaluate import evaluate_encoder, evaluate_features, extract_features
+    from contrastive.evaluate import evaluate_encoder, evaluate_features, evaluate_stages, extract_features
     from contrastive.launch import build_plugins, build_strategy, world_size
     from contrastive.methods import build_method
     from contrastive.summary import peak_memory_mb, print_summary, run_overrides
@@ -219,8 +219,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.eval.final:
         summary.update(evaluate_encoder(model.backbone, model.eval_transform, datamodule, cfg.eval, device))
     if cfg.eval.stages:
-        from contrastive.metrics.stages import evaluate_stages
-
         summary.update(evaluate_stages(model.backbone, model.eval_transform, datamodule, cfg.eval, device))
     summary["overrides"] = run_overrides()
     summary["history"] = history.records
@@ -250,7 +248,7 @@ def _in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-@hydra.main(config_path="conf", config_name="config", version_base="1.3")
+@hydra.main(config_path="pkg://contrastive.conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     """Exit codes: see :mod:`contrastive.errors`. In a multirun a failed job is reported and the sweep goes on;
     the sweep's report (``errors.SweepReport``) lists the failures at the end and sets the exit code."""

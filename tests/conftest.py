@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 
 from contrastive.config import register_configs
 
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "contrastive" / "conf")
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 torch.set_num_threads(1)
 register_configs()

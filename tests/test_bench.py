@@ -1,8 +1,9 @@
-"""The benchmark (``python -m contrastive.bench``): its measurement logic, a tiny end-to-end run, and the
+"""The benchmark (``python benchmarks/bench.py``): its measurement logic, a tiny end-to-end run, and the
 performance fixes it checks (no host-device sync in the methods' steps, the memory bank's dense cosines)."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
@@ -15,10 +16,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from contrastive import bench
-from contrastive.methods import build_method, instance
+from contrastive.methods import build_method
+from contrastive.negatives import bank as bank_source
 
 ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks" / "bench.py"  # outside the installed package: imported from its folder
+sys.path.insert(0, str(BENCH.parent))
+bench = importlib.import_module("bench")
 
 
 # -- measurement logic ------------------------------------------------------------------------------------------
@@ -108,13 +112,17 @@ def test_sync_audit_flags_scalar_reads_and_mask_indexing_only():
     assert all(re.search(r"at test_bench\.py:\d+$", hit) for hit in audit.hits), audit.hits
 
 
+# where a method's step runs: none of it may read a device value back to the host
+OWN_STEP_CODE = ("contrastive/methods/", "contrastive/negatives/", "contrastive/models/key_encoder", "lightning/")
+
+
 # -- the whole benchmark, tiny --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_report(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("bench") / "report.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "contrastive.bench", "--tiny", "--lightly", "none", "--out", str(out)],
+        [sys.executable, str(BENCH), "--tiny", "--lightly", "none", "--out", str(out)],
         cwd=ROOT, env=env, capture_output=True, text=True, check=False, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -154,20 +162,20 @@ def test_no_method_step_makes_the_host_wait_for_the_device(tiny_report):
     value back (the remaining sites, if any, are in shared loss and metric functions)."""
     for method in bench.METHODS:
         sites = tiny_report["results"][method]["sync_sites"]
-        assert not [site for site in sites if "contrastive/methods/" in site or "lightning/" in site], (method, sites)
+        assert not [site for site in sites if any(part in site for part in OWN_STEP_CODE)], (method, sites)
 
 
 # -- the memory bank's two ways to its cosines ----------------------------------------------------------------
 @pytest.mark.parametrize("dense", [True, False])
 def test_bank_cosines_and_their_gradient_match_a_loop(cfg_factory, monkeypatch, dense):
-    monkeypatch.setattr(instance, "DENSE_BANK_RATIO", 32 if dense else 0)
+    monkeypatch.setattr(bank_source, "DENSE_BANK_RATIO", 32 if dense else 0)
     model = build_method(cfg_factory("method=memory_bank", "method.num_negatives=7"), 40)
     gen = torch.Generator().manual_seed(0)
     q = F.normalize(torch.randn(5, model.bank.features.shape[1], generator=gen), dim=1).requires_grad_()
     neg_index = torch.randint(40, (5, 7), generator=gen)
-    bank = model.bank_for_cosines(7)
+    bank = model.negatives.bank_for_cosines(7)
     assert (bank is not None) == dense
-    cos = model.bank_cosines(q, bank, neg_index)
+    cos = model.negatives.bank_cosines(q, bank, neg_index)
     expected = torch.stack([torch.stack([q[i] @ model.bank.features[j] for j in row]) for i, row in enumerate(neg_index)])
     torch.testing.assert_close(cos, expected)
     weights = torch.randn(5, 7, generator=gen)
@@ -177,12 +185,12 @@ def test_bank_cosines_and_their_gradient_match_a_loop(cfg_factory, monkeypatch, 
 
 @pytest.mark.parametrize("dense", [True, False])
 def test_bank_loss_backward_survives_the_in_place_bank_update(cfg_factory, monkeypatch, dense):
-    monkeypatch.setattr(instance, "DENSE_BANK_RATIO", 32 if dense else 0)
+    monkeypatch.setattr(bank_source, "DENSE_BANK_RATIO", 32 if dense else 0)
     model = build_method(cfg_factory("method=memory_bank", "method.num_negatives=7"), 40)
     q = torch.randn(6, model.bank.features.shape[1], requires_grad=True)
     index = torch.arange(6)
     before = model.bank.features.clone()
-    loss = model.bank_loss({0: q}, {0: q}, lambda i: i, index, torch.zeros(6, dtype=torch.long), {})
+    loss = model.negatives.loss({0: q}, {0: q}, lambda i: i, index, torch.zeros(6, dtype=torch.long), {})
     assert not torch.equal(model.bank.features[index], before[index])  # the update ran inside the step
     loss.backward()
     assert q.grad is not None and torch.isfinite(q.grad).all()
@@ -193,7 +201,7 @@ def test_bank_loss_backward_survives_the_in_place_bank_update(cfg_factory, monke
 def test_tiny_run_side_by_side_with_lightly(tmp_path):
     out = tmp_path / "report.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "contrastive.bench", "--tiny", "--methods", "simclr", "--out", str(out)],
+        [sys.executable, str(BENCH), "--tiny", "--methods", "simclr", "--out", str(out)],
         cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, check=False, timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -208,7 +216,7 @@ def test_tiny_run_side_by_side_with_lightly(tmp_path):
 def test_tiny_run_on_the_gpu(tmp_path):
     out = tmp_path / "report.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "contrastive.bench", "--device", "cuda", "--tiny", "--lightly", "none",
+        [sys.executable, str(BENCH), "--device", "cuda", "--tiny", "--lightly", "none",
          "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, check=False, timeout=900,
     )
@@ -218,7 +226,7 @@ def test_tiny_run_on_the_gpu(tmp_path):
     assert report["results"]["simclr"]["epoch_s"] > 0 and "simclr_vs_cpu_aug" in report["ratios"]
     for method in bench.METHODS:
         sites = report["results"][method]["sync_sites"]
-        assert not [site for site in sites if "contrastive/methods/" in site or "lightning/" in site], (method, sites)
+        assert not [site for site in sites if any(part in site for part in OWN_STEP_CODE)], (method, sites)
 
 
 # -- make bench-gpu: its report section and its CPU dry run ------------------------------------------------------
@@ -247,8 +255,8 @@ def bench_gpu_recipe() -> list[str]:
     """The arguments of `make bench-gpu`'s command, read from the Makefile."""
     lines = (ROOT / "Makefile").read_text().splitlines()
     recipe = lines[lines.index("bench-gpu:") + 1].split()
-    assert recipe[:3] == ["$(PYTHON)", "-m", "contrastive.bench"]
-    return recipe[3:]
+    assert recipe[:2] == ["$(PYTHON)", "benchmarks/bench.py"]
+    return recipe[2:]
 
 
 @pytest.mark.slow
@@ -263,7 +271,7 @@ def test_bench_gpu_dry_run_on_the_cpu(tmp_path):
     args[args.index("--markdown") + 1] = str(markdown)
     out = tmp_path / "report.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "contrastive.bench", *args, "--tiny", "--gpu-recipe", "--out", str(out)],
+        [sys.executable, str(BENCH), *args, "--tiny", "--gpu-recipe", "--out", str(out)],
         cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, check=False, timeout=1200,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

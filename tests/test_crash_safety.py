@@ -204,6 +204,22 @@ def test_collapse_and_a_flat_loss_warn_once_each(cfg_factory, monkeypatch):
     assert loss == pytest.approx(np.log(2 * 16 - 1), abs=1e-5) and "optim.lr" in stall
 
 
+def test_a_method_s_own_signs_of_collapse_go_through_the_same_alarm(cfg_factory, monkeypatch):
+    asked = []
+
+    def collapse_signs(self):
+        asked.append(self.current_epoch)
+        return "codes on one prototype" if self.current_epoch >= 1 else None
+
+    monkeypatch.setattr(ContrastiveMethod, "collapse_signs", collapse_signs, raising=False)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        train(cfg_factory(*TINY, "trainer.max_epochs=5"))
+    assert asked == [0, 1, 2, 3, 4]  # once per training epoch
+    # three epochs in a row (1, 2, 3), then once only
+    assert collapse_warnings(record) == ["codes on one prototype (for 3 epochs)"]
+
+
 def test_a_learning_run_raises_no_collapse_warning(cfg_factory):
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")

@@ -150,7 +150,7 @@ def bank_fill(container: dict) -> dict[str, torch.Tensor]:
     model = build_method(cfg, dm.num_train)
     fixed_bank_encoder(model)
     model._trainer = SimpleNamespace(datamodule=dm, precision_plugin=Precision())
-    model.encode_bank()
+    model.negatives.encode_bank()
     return {"features": model.bank.features.clone(), "written": model.bank.written_at.clone()}
 
 

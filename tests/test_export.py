@@ -14,7 +14,7 @@ import torchvision
 from conftest import build, make_cfg
 
 import contrastive.models
-from contrastive.export import ExportError, export_backbone, load_backbone
+from contrastive.export import ExportError, export_backbone, load_backbone, main
 from contrastive.train import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -108,3 +108,18 @@ def test_export_errors_name_the_file(tmp_path):
     done = subprocess.run([sys.executable, "-m", "contrastive.export", f"ckpt={tmp_path / 'missing.ckpt'}"],
                           capture_output=True, text=True, cwd=REPO, timeout=120)
     assert done.returncode == 2 and "missing.ckpt" in done.stderr
+
+
+def test_damaged_files_are_refused_by_the_one_checkpoint_reader(tmp_path, capsys):
+    """A training checkpoint and an exported backbone are both read by contrastive.checkpoints.read_checkpoint:
+    damage is an ExportError naming the file (exit code 2), never a traceback."""
+    junk = tmp_path / "junk.ckpt"
+    junk.write_bytes(b"not a checkpoint")
+    assert main([f"ckpt={junk}"]) == 2
+    assert f"error: ckpt='{junk}' is not a contrastive checkpoint" in capsys.readouterr().err
+    ckpt, _, _ = checkpoint_of(tmp_path)
+    out = export_backbone(ckpt, tmp_path / "b.pt")
+    data = out.read_bytes()
+    out.write_bytes(data[: len(data) // 2])  # truncated
+    with pytest.raises(ExportError, match=r"b\.pt cannot be read as a checkpoint .*truncated"):
+        load_backbone(out)

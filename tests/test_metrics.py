@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from contrastive.metrics import (
     alignment,
@@ -15,14 +14,11 @@ from contrastive.metrics import (
     fewshot_indices,
     fewshot_knn_accuracy,
     fewshot_linear_accuracy,
-    in_batch_false_negative_rate,
     knn_accuracy,
     knn_predict,
     linear_accuracy,
-    normalised_usage_entropy,
     train_linear_classifier,
     uniformity,
-    usage_entropy,
 )
 
 
@@ -230,30 +226,7 @@ def test_false_negative_rate_per_query_with_unknown_labels():
     assert false_negative_rate(query_labels, negatives).item() == pytest.approx((2 / 3 + 1 / 4) / 2)
 
 
-def test_in_batch_false_negative_rate():
-    labels = torch.tensor([0, 0, 1, 2, 2, 2])
-    # Each 0 sees one 0 among 5 others, the 1 sees none, each 2 sees two 2s.
-    expected = (2 * 1 / 5 + 0 + 3 * 2 / 5) / 6
-    loop = sum(sum(labels[j] == labels[i] for j in range(6) if j != i) / 5 for i in range(6)) / 6
-    assert float(loop) == pytest.approx(expected)
-    assert in_batch_false_negative_rate(labels).item() == pytest.approx(expected)
-
-
-# -- prototype usage, spread -------------------------------------------------------------------------------
-def test_usage_entropy_known_values():
-    uniform = torch.arange(12) % 4
-    assert usage_entropy(uniform, 4).item() == pytest.approx(math.log(4))
-    assert normalised_usage_entropy(uniform, 4).item() == pytest.approx(1.0)
-    codes = F.one_hot(uniform, 4).float() * 0.7 + 0.1  # soft codes whose argmax is uniform
-    assert usage_entropy(codes, 4).item() == pytest.approx(math.log(4))
-    assert usage_entropy(torch.full((9,), 2), 4).item() == pytest.approx(0.0)
-    assert normalised_usage_entropy(uniform, 8).item() == pytest.approx(math.log(4) / math.log(8))
-    counts_211 = torch.tensor([0, 0, 1, 2])
-    assert usage_entropy(counts_211, 3).item() == pytest.approx(
-        -(0.5 * math.log(0.5) + 2 * 0.25 * math.log(0.25))
-    )
-
-
+# -- spread -----------------------------------------------------------------------------------------------
 def test_embedding_std():
     collapsed = torch.tensor([[3.0, 4.0]]) * torch.arange(1, 9).unsqueeze(1)
     assert embedding_std(collapsed).item() == pytest.approx(0.0, abs=1e-6)

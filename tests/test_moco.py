@@ -20,8 +20,8 @@ from lightning.pytorch.callbacks import Callback
 from contrastive import losses
 from contrastive.config import ConfigError, validate
 from contrastive.methods import build_method
-from contrastive.methods.base import cosine_ramp
 from contrastive.methods.moco import MoCo
+from contrastive.models.key_encoder import cosine_ramp
 from contrastive.negatives import Queue
 from contrastive.train import train
 
@@ -103,7 +103,7 @@ def test_cosine_momentum_schedule_moves_towards_one(cfg_factory):
 def test_queue_is_a_fifo_ring_of_the_last_batches(cfg_factory, monkeypatch):
     torch.manual_seed(0)
     model, dm = build(cfg_factory(*MOCO, *SMALL, "data.batch_size=16", "method.queue_size=32"))
-    keys = spy(monkeypatch, model, "momentum_keys")
+    keys = spy(monkeypatch, model.key_encoder, "encode")
 
     class Record(Callback):
         def __init__(self) -> None:
@@ -230,7 +230,7 @@ def test_shuffle_bn_encodes_shuffled_chunks_and_restores_sample_order(cfg_factor
 
     x = torch.randn(n, 1, 16, 16) + torch.arange(n).view(n, 1, 1, 1) * 0.1  # every sample distinct
     torch.manual_seed(5)
-    keys = model.momentum_keys(x)
+    keys = model.key_encoder.encode(x)
     torch.manual_seed(5)
     perm = torch.randperm(n)
     with torch.no_grad():
@@ -246,7 +246,7 @@ def test_shuffle_bn_encodes_shuffled_chunks_and_restores_sample_order(cfg_factor
 
     model.cfg.method.shuffle_bn = False
     with torch.no_grad():
-        torch.testing.assert_close(model.momentum_keys(x), full, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(model.key_encoder.encode(x), full, rtol=1e-5, atol=1e-6)
 
 
 # -- config ----------------------------------------------------------------------------------------------------
@@ -441,7 +441,7 @@ def test_momentum_update_leaves_bn_running_stats_alone(cfg_factory):
     key_buffers = [b.clone() for b in list(model.key_backbone.buffers()) + list(model.key_projector.buffers())]
     assert key_buffers and any(b.is_floating_point() for b in key_buffers)
     pairs_before = [(q.detach().clone(), k.clone()) for _, q, k in key_pairs(model)]
-    model.momentum_update()
+    model.key_encoder.update()
     after = list(model.key_backbone.buffers()) + list(model.key_projector.buffers())
     assert all(torch.equal(a, b) for a, b in zip(after, key_buffers))
     for (q, k), (_, _, k_new) in zip(pairs_before, key_pairs(model)):

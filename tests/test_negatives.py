@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from contrastive.negatives import MemoryBank, Queue
+from contrastive.negatives import MemoryBank, Queue, RingBuffer
+from contrastive.negatives.prototypes import FeatureQueue
 
 CPU = torch.device("cpu")
 
@@ -189,3 +190,27 @@ def test_queue_stores_normalised_keys_without_gradient(dtype):
     queue.enqueue(keys, torch.tensor([7, 8]), step=0)
     assert queue.keys.dtype == torch.float32 and not queue.keys.requires_grad
     torch.testing.assert_close(queue.keys[:2], F.normalize(keys.detach().float(), dim=1))
+
+
+# -- the ring buffer MoCo's queue and SwAV's feature queue share ----------------------------------------------------
+def test_one_ring_buffer_behind_both_queues():
+    assert issubclass(Queue, RingBuffer) and issubclass(FeatureQueue, RingBuffer)
+
+
+def test_ring_on_its_second_axis_counts_filled_slots_and_wraps():
+    ring = FeatureQueue(crops=2, size=6, dim=3)
+    writes = [torch.full((2, 3, 3), float(i)) for i in range(3)]
+    ring.enqueue(writes[0])
+    assert (int(ring.ptr), int(ring.filled), ring.full) == (3, 3, False)
+    ring.enqueue(writes[1])
+    assert (int(ring.ptr), int(ring.filled), ring.full) == (0, 6, True)
+    ring.enqueue(writes[2])  # overwrites the oldest slots, of every crop's row
+    assert ring.features[:, :3].eq(2).all() and ring.features[:, 3:].eq(1).all()
+    assert (int(ring.ptr), int(ring.filled)) == (3, 6)
+
+
+def test_ring_refuses_a_write_that_would_wrap():
+    queue = Queue(4, 2)
+    queue.enqueue(torch.randn(3, 2), torch.arange(3), step=0)
+    with pytest.raises(ValueError, match="would wrap a ring of 4"):
+        queue.enqueue(torch.randn(3, 2), torch.arange(3), step=1)

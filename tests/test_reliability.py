@@ -82,7 +82,7 @@ def test_evaluate_never_runs_code_from_a_checkpoint(tmp_path, capsys):
 # -- 2: the last good checkpoint is good -----------------------------------------------------------------------
 def poison_buffer_from(monkeypatch, step: int) -> None:
     """From ``step`` on, a BatchNorm running variance becomes infinite while the loss stays finite."""
-    from contrastive.methods.instance import InstanceDiscrimination
+    from contrastive.methods.base import InstanceDiscrimination
 
     original = InstanceDiscrimination.on_train_batch_end
 
@@ -355,6 +355,26 @@ def test_flipped_bytes_in_a_checkpoint_are_detected(tmp_path, finished, capsys):
     assert "checksum" in capsys.readouterr().err
     with pytest.raises(ConfigError, match=rf"ckpt_path='{ckpt}'.*checksum"):
         run(tmp_path / "resumed", "trainer.max_epochs=2", f"ckpt_path={ckpt}")
+
+
+def test_resume_reads_its_checkpoint_through_the_one_reader(tmp_path, finished, monkeypatch):
+    """Lightning's load on resume goes through read_checkpoint as well (checksums, tensors only), not its torch.load."""
+    from lightning.fabric.plugins.io import torch_io
+
+    from contrastive import checkpoints
+
+    copy = tmp_path / "copy"
+    shutil.copytree(finished, copy)
+    monkeypatch.setattr(torch_io, "pl_load", lambda *a, **k: pytest.fail("read by Lightning's own torch.load"))
+    reads = []
+    real = checkpoints.read_checkpoint
+    monkeypatch.setattr(checkpoints, "read_checkpoint", lambda path: (reads.append(Path(path)), real(path))[1])
+    summary = run(copy, "trainer.max_epochs=2", "resume=auto")
+    assert summary["epochs"] == 2
+    assert copy / "checkpoints" / "last.ckpt" in reads
+    flip_tensor_bytes(copy / "checkpoints" / "last.ckpt")
+    with pytest.raises(ValueError, match="checksum"):
+        checkpoints.AtomicCheckpointIO().load_checkpoint(copy / "checkpoints" / "last.ckpt", weights_only=True)
 
 
 # -- also --------------------------------------------------------------------------------------------------------------

@@ -17,9 +17,9 @@ from contrastive.report import (
     UNMEASURED,
     NoRunsError,
     Run,
+    build_report,
     load_runs,
     main,
-    make_report,
     run_labels,
     survey_claims,
     swept_keys,
@@ -116,7 +116,7 @@ def assert_png(path: Path) -> None:
 
 
 def test_table_has_one_row_per_run_with_its_numbers(sweep_dir: Path) -> None:
-    markdown = make_report(sweep_dir).read_text()
+    markdown = build_report(sweep_dir).path.read_text()
     rows = table_rows(markdown)
     # Sorted by method, then by the swept queue size (256, 1024, 4096), not by folder name.
     assert list(rows) == ["6_partial", "1_memory_bank", "3_moco", "4_moco", "2_moco", "0_simclr", "5_swav"]
@@ -139,7 +139,7 @@ def test_table_has_one_row_per_run_with_its_numbers(sweep_dir: Path) -> None:
 
 
 def test_plots_are_valid_pngs_referenced_from_the_markdown(sweep_dir: Path) -> None:
-    markdown = make_report(sweep_dir).read_text()
+    markdown = build_report(sweep_dir).path.read_text()
     for name in ("knn_per_epoch.png", "acc_vs_negatives.png", "throughput_memory.png", "sweep_method.queue_size.png"):
         assert_png(sweep_dir / name)
         assert f"]({name})" in markdown
@@ -158,7 +158,7 @@ def test_sweep_key_detected_with_config_and_hydra_fallbacks(sweep_dir: Path) -> 
     labels = run_labels(runs, swept)
     assert labels["3_moco"] == "moco queue_size=256" and labels["0_simclr"] == "simclr"
 
-    markdown = make_report(sweep_dir).read_text()
+    markdown = build_report(sweep_dir).path.read_text()
     section = markdown.split("### `method.queue_size`", 1)[1].split("##", 1)[0]
     assert "| moco | 256 | 1 | 70.0 | 35.0 | 71.2 | 256 |" in section
     assert "| moco | 4096 | 1 | 75.0 | 37.5 | 76.2 | 4,096 |" in section
@@ -180,7 +180,7 @@ def seeded(runs: list[Run], jitter: tuple[float, ...] = (-0.2, 0.0, 0.2)) -> lis
 
 def test_single_runs_give_no_verdict_between_accuracies(sweep_dir: Path) -> None:
     """One run per configuration: no interval, so comparisons of accuracies are 'within noise', never decided."""
-    verdicts = claim_verdicts(make_report(sweep_dir).read_text())
+    verdicts = claim_verdicts(build_report(sweep_dir).path.read_text())
     assert verdicts == {"a": UNMEASURED, "b": "within noise (n=3/1)", "c": HOLDS, "d": "within noise (n=1/1)",
                         "e": "within noise (n=1/1)", "f": "within noise (n=1/1)", "g": HOLDS, "h": UNMEASURED}
 
@@ -232,7 +232,7 @@ def test_groups_table_and_time_to_accuracy(tmp_path: Path) -> None:
                 for e in range(3)]
         write_run(root, f"{seed}_moco", instance_run("moco", "queue", knn, 4096, 0.9, history=hist),
                   ["method=moco", f"seed={seed}"])
-    markdown = make_report(root).read_text()
+    markdown = build_report(root).path.read_text()
     groups = markdown.split("## Groups", 1)[1].split("##", 1)[0]
     # mean 72, sd 2, t(0.975, 2) = 4.303: half-width 4.303 * 2 / sqrt(3) = 4.97
     assert "| moco | 3 | 0, 1, 2 | 72.0 ± 5.0 (n=3) |" in groups
@@ -252,7 +252,7 @@ def test_groups_table_and_time_to_accuracy(tmp_path: Path) -> None:
 def test_negatives_sweep_when_two_methods_vary_k(sweep_dir: Path) -> None:
     write_run(sweep_dir, "7_simclr", instance_run("simclr", "batch", 82.0, 510, None, global_batch_size=256),
               ["method=simclr", "data.batch_size=256"])
-    markdown = make_report(sweep_dir).read_text()
+    markdown = build_report(sweep_dir).path.read_text()
     assert_png(sweep_dir / "negatives_sweep.png")
     assert_png(sweep_dir / "sweep_data.batch_size.png")
     section = markdown.split("### Negatives per query", 1)[1].split("##", 1)[0]
@@ -269,7 +269,7 @@ def test_out_dir_and_no_runs_error(sweep_dir: Path, tmp_path: Path, capsys) -> N
     empty = tmp_path / "empty"
     (empty / "run" / ".hydra").mkdir(parents=True)
     with pytest.raises(NoRunsError, match="empty"):
-        make_report(empty)
+        build_report(empty)
     assert main([str(empty)]) == 2
     assert "error: no run found below" in capsys.readouterr().err
 
@@ -316,8 +316,6 @@ def test_budget_line_says_which_protocol(tmp_path: Path) -> None:
 
 
 def test_build_report_returns_what_it_wrote(sweep_dir: Path) -> None:
-    from contrastive.report import build_report
-
     report = build_report(sweep_dir)
     text = report.path.read_text()
     assert report.runs_table in text and report.groups_table in text

@@ -181,7 +181,7 @@ def test_prototypes_frozen_for_first_epoch_then_move_and_keep_unit_norm(cfg_fact
     trainer = fit(model, dm, [record])
     steps_per_epoch = trainer.num_training_batches
     assert steps_per_epoch >= 2 and len(record.weights) == 2 * steps_per_epoch
-    assert model._freeze_until == steps_per_epoch
+    assert model.dictionary.freeze_until == steps_per_epoch
     for w in record.weights[:steps_per_epoch]:
         assert torch.equal(w, initial)
     for w in record.weights[steps_per_epoch:]:
@@ -229,18 +229,18 @@ def test_queue_joins_the_sinkhorn_batch_once_full_and_started(cfg_factory):
     scores = [cosines(8, 10, seed=s) for s in (6, 7)]
     plain = [losses.sinkhorn(s, 0.05, 3) for s in scores]
     # not full yet: the codes are the batch's own
-    for got, want in zip(model.codes(scores), plain):
+    for got, want in zip(model.dictionary.codes(scores), plain):
         torch.testing.assert_close(got, want)
     queued = F.normalize(torch.randn(2, 64, 16, generator=gen), dim=2)
     model.queue.enqueue(queued)
     w = model.prototypes.weight
-    for i, got in enumerate(model.codes(scores)):
+    for i, got in enumerate(model.dictionary.codes(scores)):
         want = losses.sinkhorn(torch.cat([queued[i] @ w.T, scores[i]]), 0.05, 3)[-8:]
         torch.testing.assert_close(got, want)
         assert not torch.allclose(got, plain[i], atol=1e-3)
     late, _ = build(cfg_factory, "method.queue_size=64", "method.queue_start_epoch=1")
     late.queue.enqueue(queued)
-    assert not late.queue_active()  # epoch 0 < queue_start_epoch
+    assert not late.dictionary.queue_active()  # epoch 0 < queue_start_epoch
 
 
 def test_training_step_fills_the_queue_with_large_crop_embeddings(cfg_factory):
@@ -264,10 +264,10 @@ def test_bf16_autocast_keeps_codes_in_float32(cfg_factory):
         reference = model.contrastive_loss(views, index, labels).loss
         with torch.autocast("cpu", dtype=torch.bfloat16):
             scores = [model.prototypes(F.normalize(model.projector(model.backbone(v)), dim=1)) for v in views[:2]]
-            codes = model.codes(scores)
+            codes = model.dictionary.codes(scores)
             loss = model.contrastive_loss(views, index, labels).loss
     assert scores[0].dtype == torch.bfloat16 and all(c.dtype == torch.float32 for c in codes)
-    assert model.queue_active() and torch.isfinite(loss)
+    assert model.dictionary.queue_active() and torch.isfinite(loss)
     torch.testing.assert_close(loss.float(), reference, atol=0.05, rtol=0.02)
 
 
@@ -277,7 +277,7 @@ def test_prototype_entropy_and_dictionary_stats(cfg_factory):
     torch.testing.assert_close(float(normalised_entropy(torch.tensor([1.0, 1, 0, 0]))), math.log(2) / math.log(4))
     model, _ = build(cfg_factory)
     codes = [torch.eye(10)[[0, 1, 1, 2]]]
-    model._track(torch.tensor(1.0), codes)
+    model.dictionary.track(torch.tensor(1.0), codes)
     stats = model.dictionary_stats()
     assert stats["negatives_per_query"] == 0 and stats["dictionary_size"] == 10
     p = torch.tensor([0.25, 0.5, 0.25])
@@ -293,7 +293,7 @@ def test_collapse_alarm_warns_once_after_consecutive_collapsed_epochs(cfg_factor
     def epoch(loss: float, codes) -> list[warnings.WarningMessage]:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            model._track(torch.tensor(loss), codes)
+            model.dictionary.track(torch.tensor(loss), codes)
             model.on_train_epoch_end()
         return [w for w in caught if "collapsed" in str(w.message)]
 

@@ -1,5 +1,11 @@
-"""Machinery every method shares: backbone, projector, on-device augmentation, online probe, kNN monitor,
-optimiser and schedule. A method subclass implements :meth:`ContrastiveMethod.contrastive_loss` only."""
+"""Machinery every method shares.
+
+* :class:`ContrastiveMethod`: backbone, projector, on-device augmentation, online probe, kNN monitor, optimiser and
+  schedule. A method implements :meth:`~ContrastiveMethod.contrastive_loss` (and its config checks).
+* :class:`InstanceDiscrimination`: a query encoder, a key encoder (``method.key_encoder``, from
+  :mod:`contrastive.models.key_encoder`) and a source of negatives (``method.negatives``, from
+  :mod:`contrastive.negatives`): the two axes that span SimCLR, InstDisc/NPID and MoCo and the cells between them.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +24,9 @@ from contrastive.data.augment import build_augment, build_eval_transform
 from contrastive.data.crops import CroppedViews, CropSpec
 from contrastive.metrics import alignment, embedding_std, false_negative_rate, knn_accuracy, uniformity
 from contrastive.models import backbone_from_config, projection_head
+from contrastive.models.key_encoder import KEY_ENCODERS
+from contrastive.negatives import NEGATIVES
+from contrastive.negatives.base import require
 from contrastive.optim import build_optimizer, warmup_cosine
 
 
@@ -53,6 +62,15 @@ class ContrastiveMethod(L.LightningModule):
         self.train_labels: Tensor | None = None
 
     # -- what a method provides -------------------------------------------------------------------------------
+    @classmethod
+    def check_config(cls, cfg: DictConfig, world_size: int) -> None:
+        """The method's own config rules, run by ``contrastive.config.validate`` before any training; raise
+        ConfigError naming the key."""
+
+    @classmethod
+    def check_with_data(cls, cfg: DictConfig, num_train: int, world_size: int) -> None:
+        """Rules that need the training set's size (``contrastive.config.validate_with_data``)."""
+
     def contrastive_loss(self, views: list[Tensor], index: Tensor, labels: Tensor) -> StepOutput:
         raise NotImplementedError
 
@@ -213,6 +231,99 @@ class ContrastiveMethod(L.LightningModule):
         return min(self.global_step / total, 1.0)
 
 
-def cosine_ramp(start: float, end: float, progress: float) -> float:
-    """Cosine interpolation from ``start`` (progress 0) to ``end`` (progress 1)."""
-    return end - (end - start) * (math.cos(math.pi * progress) + 1) / 2
+
+class InstanceDiscrimination(ContrastiveMethod):
+    """Queries against keys: each query view's positive is the key of its other view (or, with one view, the
+    sample's own stored entry), its negatives come from the source. The key encoder and the source are components
+    (:attr:`key_encoder`, :attr:`negatives`) chosen by config, so every cell of the grid trains."""
+
+    def __init__(self, cfg, num_train: int):
+        super().__init__(cfg, num_train)
+        m = self.cfg.method
+        self.negatives_source = m.negatives  # metrics.json's `negatives`
+        # in this order: both draw their starting state from the global RNG stream
+        self.key_encoder = KEY_ENCODERS[m.key_encoder](self)
+        self.negatives = NEGATIVES[m.negatives](self)
+
+    @classmethod
+    def check_config(cls, cfg: DictConfig, world_size: int) -> None:
+        m = cfg.method
+        require(m.key_encoder in KEY_ENCODERS,
+                f"method.key_encoder={m.key_encoder!r}; choose one of {', '.join(KEY_ENCODERS)}")
+        require(m.negatives in NEGATIVES, f"method.negatives={m.negatives!r}; choose one of {', '.join(NEGATIVES)}")
+        require(m.loss in ("info_nce", "nce"), f"method.loss={m.loss!r}; choose info_nce or nce")
+        require(m.loss == "info_nce" or m.negatives == "bank", "method.loss=nce needs method.negatives=bank")
+        source = NEGATIVES[m.negatives]
+        require(source.one_view or m.num_views == 2,
+                f"method.num_views={m.num_views}: negatives={m.negatives} needs 2 views (a positive pair); "
+                "only the memory bank can use 1 (its positive is the stored entry)")
+        require(m.num_views <= 2, f"method.num_views={m.num_views} must be 1 or 2 for {m.name}")
+        KEY_ENCODERS[m.key_encoder].check(cfg)
+        source.check(cfg, world_size)
+
+    @classmethod
+    def check_with_data(cls, cfg: DictConfig, num_train: int, world_size: int) -> None:
+        NEGATIVES[cfg.method.negatives].check_with_data(cfg, num_train, world_size)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self.negatives.on_load_state(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    # -- the step --------------------------------------------------------------------------------------------
+    def contrastive_loss(self, views: list[Tensor], index: Tensor, labels: Tensor) -> StepOutput:
+        m = self.cfg.method
+        pair = len(views) == 2
+        query_views = [0, 1] if (pair and m.symmetric) or self.negatives.every_view_queries else [0]
+        feats, queries = self.embed_queries(views, query_views)
+        other = (lambda i: 1 - i) if pair else (lambda i: i)
+        keys = self.key_encoder.keys(views, self.negatives.key_views(query_views, other, len(views)), queries)
+        logs: dict[str, Tensor] = {}
+        loss = self.negatives.loss(queries, keys, other, index, labels, logs)
+        self.negatives.after_loss(views, keys)
+        return StepOutput(loss=loss, features=feats[0], logs=logs)
+
+    def embed_queries(self, views: list[Tensor], query_views: list[int]) -> tuple[dict[int, Tensor], dict[int, Tensor]]:
+        """Backbone features and projections of the query views."""
+        feats, queries = {}, {}
+        if self.cfg.method.joint_views and len(query_views) > 1:
+            # SimCLR's official code: both views in one batch, so BN statistics span all 2N images
+            f, z = self.embed(torch.cat([views[i] for i in query_views]))
+            for i, fi, zi in zip(query_views, f.chunk(len(query_views)), z.chunk(len(query_views))):
+                feats[i], queries[i] = fi, zi
+        else:
+            for i in query_views:
+                feats[i], queries[i] = self.embed(views[i])
+        return feats, queries
+
+    def on_train_start(self) -> None:
+        self.negatives.on_train_start()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        self.key_encoder.after_step()
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self.negatives.on_save_checkpoint(checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.negatives.on_load_checkpoint(checkpoint)
+
+    # -- the key path, for the dictionary's figures ------------------------------------------------------------
+    def key_net(self, x: Tensor) -> Tensor:
+        backbone, projector = self.key_encoder.nets()
+        return projector(backbone(x))
+
+    @torch.no_grad()
+    def eval_key_net(self, x: Tensor) -> Tensor:
+        """:meth:`key_net` with batch norm in eval mode (running statistics, not updated), modes restored after."""
+        nets = self.key_encoder.nets()
+        modes = [net.training for net in nets]
+        for net in nets:
+            net.eval()
+        try:
+            return self.key_net(x)
+        finally:
+            for net, mode in zip(nets, modes):
+                net.train(mode)
+
+    def dictionary_stats(self) -> dict[str, float]:
+        return self.negatives.stats()

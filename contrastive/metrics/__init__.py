@@ -1,14 +1,6 @@
 """Evaluation metrics on precomputed features: weighted kNN, few-shot and linear probes, diagnostics."""
 
-from contrastive.metrics.diagnostics import (
-    alignment,
-    embedding_std,
-    false_negative_rate,
-    in_batch_false_negative_rate,
-    normalised_usage_entropy,
-    uniformity,
-    usage_entropy,
-)
+from contrastive.metrics.diagnostics import alignment, embedding_std, false_negative_rate, uniformity
 from contrastive.metrics.knn import fewshot_indices, fewshot_knn_accuracy, knn_accuracy, knn_predict
 from contrastive.metrics.linear import fewshot_linear_accuracy, linear_accuracy, train_linear_classifier
 
@@ -19,12 +11,9 @@ __all__ = [
     "fewshot_indices",
     "fewshot_knn_accuracy",
     "fewshot_linear_accuracy",
-    "in_batch_false_negative_rate",
     "knn_accuracy",
     "knn_predict",
     "linear_accuracy",
-    "normalised_usage_entropy",
     "train_linear_classifier",
     "uniformity",
-    "usage_entropy",
 ]

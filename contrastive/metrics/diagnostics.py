@@ -1,5 +1,5 @@
 """Representation and dictionary diagnostics: alignment / uniformity (Wang & Isola 2020), false negatives
-among the negatives a method contrasts against, prototype usage (SwAV) and embedding spread (collapse)."""
+among the negatives a method contrasts against, and embedding spread (collapse)."""
 
 from __future__ import annotations
 
@@ -50,34 +50,6 @@ def false_negative_rate(query_labels: Tensor, negative_labels: Tensor) -> Tensor
     keep = ((counted > 0) & (query_labels >= 0)).float()
     rate = same.sum(dim=1).float() / counted.clamp_min(1)
     return (rate * keep).sum() / keep.sum()  # weights, not a boolean index: no device sync in a training step
-
-
-def in_batch_false_negative_rate(labels: Tensor) -> Tensor:
-    """:func:`false_negative_rate` of in-batch negatives: each sample's negatives are the other N-1 samples."""
-    n = len(labels)
-    off_diagonal = ~torch.eye(n, dtype=torch.bool, device=labels.device)
-    return false_negative_rate(labels, labels.unsqueeze(0).expand(n, n)[off_diagonal].view(n, n - 1))
-
-
-def _usage(assignments: Tensor, num_prototypes: int) -> Tensor:
-    """Share of samples assigned to each prototype; ``assignments`` are codes ``[B, K]`` or indices ``[B]``."""
-    index = assignments.argmax(dim=1) if assignments.dim() == 2 else assignments
-    counts = torch.bincount(index.long(), minlength=num_prototypes).float()
-    return counts / counts.sum()
-
-
-def usage_entropy(assignments: Tensor, num_prototypes: int) -> Tensor:
-    """Entropy (nats) of the prototype-usage histogram of hard assignments: the argmax of codes ``[B, K]``
-    or indices ``[B]``. ``ln(num_prototypes)`` when all are used equally, 0 when one takes every sample."""
-    p = _usage(assignments, num_prototypes)
-    return -torch.special.xlogy(p, p).sum()
-
-
-def normalised_usage_entropy(assignments: Tensor, num_prototypes: int) -> Tensor:
-    """:func:`usage_entropy` divided by ``ln(num_prototypes)``: 1 for perfectly balanced usage."""
-    if num_prototypes < 2:
-        raise ValueError("normalised usage entropy needs at least two prototypes")
-    return usage_entropy(assignments, num_prototypes) / math.log(num_prototypes)
 
 
 def embedding_std(z: Tensor) -> Tensor:

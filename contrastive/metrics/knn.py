@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -77,6 +77,21 @@ def fewshot_indices(labels: Tensor, shots: int, seed: int) -> Tensor:
     return torch.cat(picked).sort().values.to(labels.device)
 
 
+def fewshot_mean(
+    probe: Callable[[Tensor, Tensor, int], float], train_feats: Tensor, train_labels: Tensor, shots: int,
+    seeds: Sequence[int],
+) -> float:
+    """Mean over ``seeds`` of ``probe(features, labels, seed)`` fitted on that seed's draw of ``shots`` labelled
+    samples per class (:func:`fewshot_indices`): the one loop of the few-shot probes."""
+    accs = []
+    for seed in seeds:
+        idx = fewshot_indices(train_labels, shots, seed)
+        accs.append(probe(train_feats[idx.to(train_feats.device)], train_labels[idx], seed))
+    if not accs:
+        raise ValueError("seeds is empty")
+    return sum(accs) / len(accs)
+
+
 def fewshot_knn_accuracy(
     train_feats: Tensor,
     train_labels: Tensor,
@@ -89,20 +104,8 @@ def fewshot_knn_accuracy(
     temperature: float = 0.1,
 ) -> float:
     """kNN accuracy (percent) with a bank of ``shots`` labelled samples per class, mean over ``seeds``."""
-    accs = []
-    for seed in seeds:
-        idx = fewshot_indices(train_labels, shots, seed)
-        accs.append(
-            knn_accuracy(
-                train_feats[idx.to(train_feats.device)],
-                train_labels[idx],
-                val_feats,
-                val_labels,
-                num_classes,
-                k=k,
-                temperature=temperature,
-            )
-        )
-    if not accs:
-        raise ValueError("seeds is empty")
-    return sum(accs) / len(accs)
+    return fewshot_mean(
+        lambda feats, labels, _seed: knn_accuracy(feats, labels, val_feats, val_labels, num_classes, k=k,
+                                                  temperature=temperature),
+        train_feats, train_labels, shots, seeds,
+    )

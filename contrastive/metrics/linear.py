@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from contrastive.metrics.knn import fewshot_indices
+from contrastive.metrics.knn import fewshot_mean
 
 
 def train_linear_classifier(
@@ -115,23 +115,8 @@ def fewshot_linear_accuracy(
 ) -> float:
     """Linear accuracy (percent) when only ``shots`` labelled samples per class are available, mean over
     ``seeds``; each seed draws its own subset (:func:`fewshot_indices`) and seeds its own fit."""
-    accs = []
-    for seed in seeds:
-        idx = fewshot_indices(train_labels, shots, seed)
-        accs.append(
-            linear_accuracy(
-                train_feats[idx.to(train_feats.device)],
-                train_labels[idx],
-                val_feats,
-                val_labels,
-                num_classes,
-                epochs=epochs,
-                seed=seed,
-                lr=lr,
-                weight_decay=weight_decay,
-                batch_size=batch_size,
-            )
-        )
-    if not accs:
-        raise ValueError("seeds is empty")
-    return sum(accs) / len(accs)
+    return fewshot_mean(
+        lambda feats, labels, seed: linear_accuracy(feats, labels, val_feats, val_labels, num_classes, epochs=epochs,
+                                                    seed=seed, lr=lr, weight_decay=weight_decay, batch_size=batch_size),
+        train_feats, train_labels, shots, seeds,
+    )

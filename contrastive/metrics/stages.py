@@ -1,5 +1,6 @@
-"""Probes of each stage of the encoder: kNN and few-shot linear accuracy on the globally pooled output of every
-stage (ResNet's res2..res5, the small CNN's conv blocks), for the survey's claim that later stages serve better."""
+"""Features of each stage of the encoder: the globally pooled output of every stage (ResNet's res2..res5, the small
+CNN's conv blocks), probed by :func:`contrastive.evaluate.evaluate_stages` for the survey's claim that later stages
+serve better."""
 
 from __future__ import annotations
 
@@ -43,26 +44,3 @@ def stage_features(backbone: nn.Module, transform: nn.Module, loader, device: to
             hook.remove()
         backbone.train(was_training)
     return {name: torch.cat(parts) for name, parts in feats.items()}, torch.cat(labels)
-
-
-def evaluate_stages(backbone: nn.Module, transform: nn.Module, datamodule, cfg, device: torch.device) -> dict:
-    """Per stage, in percent: ``stage_<name>_knn_acc`` (all labels), ``stage_<name>_knn_acc_<shots>shot`` and
-    ``stage_<name>_fewshot_linear_acc_<shots>shot`` (``cfg``: the ``eval`` config group); ``stages`` lists the
-    names, shallow to deep."""
-    from contrastive.metrics import fewshot_knn_accuracy, fewshot_linear_accuracy, knn_accuracy
-
-    train_loader, val_loader = datamodule.eval_loaders()
-    train_feats, yt = stage_features(backbone, transform, train_loader, device)
-    val_feats, yv = stage_features(backbone, transform, val_loader, device)
-    knn = dict(k=cfg.knn_k, temperature=cfg.knn_temperature)
-    seeds, classes = range(cfg.fewshot_seeds), datamodule.num_classes
-    out: dict = {"stages": list(train_feats)}
-    for name, xt in train_feats.items():
-        xv = val_feats[name]
-        out[f"stage_{name}_knn_acc"] = round(float(knn_accuracy(xt, yt, xv, yv, classes, **knn)), 2)
-        for shots in cfg.shots:
-            out[f"stage_{name}_knn_acc_{shots}shot"] = round(float(
-                fewshot_knn_accuracy(xt, yt, xv, yv, classes, shots, seeds, **knn)), 2)
-            out[f"stage_{name}_fewshot_linear_acc_{shots}shot"] = round(float(
-                fewshot_linear_accuracy(xt, yt, xv, yv, classes, shots, seeds)), 2)
-    return out

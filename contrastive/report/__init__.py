@@ -7,7 +7,7 @@ intervals and the test behind the verdicts, ``tables``, ``plots`` and ``claims``
 puts them together.
 """
 
-from contrastive.report.build import Report, build_report, main, make_report
+from contrastive.report.build import Report, build_report, main
 from contrastive.report.claims import SWAV_MARGIN, Claim, survey_claims
 from contrastive.report.runs import NoRunsError, Run, load_runs, run_groups, run_labels, swept_keys
 from contrastive.report.stats import FAILS, HOLDS, UNMEASURED
@@ -15,5 +15,5 @@ from contrastive.report.tables import budget_line
 
 __all__ = [
     "FAILS", "HOLDS", "SWAV_MARGIN", "UNMEASURED", "Claim", "NoRunsError", "Report", "Run", "budget_line",
-    "build_report", "load_runs", "main", "make_report", "run_groups", "run_labels", "survey_claims", "swept_keys",
+    "build_report", "load_runs", "main", "run_groups", "run_labels", "survey_claims", "swept_keys",
 ]

@@ -182,11 +182,6 @@ def build_report(root: Path, out: Path | None = None, target: float | None = Non
     return Report(path, runs, groups, table, group_table, claims, target, drawn)
 
 
-def make_report(root: Path, out: Path | None = None, target: float | None = None) -> Path:
-    """:func:`build_report`, returning the markdown's path."""
-    return build_report(root, out, target).path
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m contrastive.report",
                                      description="Compare the runs below DIR: markdown table, plots, survey claims.")

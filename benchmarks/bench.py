@@ -1,4 +1,4 @@
-"""Speed benchmark: ``python -m contrastive.bench [--device cpu|cuda] [--backbone ...] [--batch N] [--steps N]``.
+"""Speed benchmark: ``python benchmarks/bench.py [--device cpu|cuda] [--backbone ...] [--batch N] [--steps N]``.
 
 Everything compared runs in one invocation, each contender in its own worker process, and the workers take turns
 (the others wait, blocked, using no CPU): in every round each contender runs ``--steps`` timed steps right before
@@ -49,7 +49,6 @@ from typing import Any
 
 import torch
 
-CONF_DIR = Path(__file__).resolve().parent / "conf"
 METHODS = ("simclr", "memory_bank", "moco", "swav")
 LIGHTLY_PYTHON = os.environ.get("CONTRASTIVE_LIGHTLY_PYTHON", "/tmp/lightly-venv/bin/python")
 PREFETCH_FACTOR = 2  # DataLoader's default, for the workers' loaders
@@ -57,8 +56,8 @@ LOADER_KINDS = ("cpu_aug", "lightly")  # contenders whose DataLoader has worker 
 REFERENCE = "simclr"  # every other contender is timed next to it
 KNN_CONTENDERS = (REFERENCE, "bare", "cpu_aug", "lightly")  # SimCLR each: their kNN after the same budget
 MARK = "@@bench "  # prefix of protocol lines on a subprocess worker's stdout
-SECTION_BEGIN = "<!-- contrastive.bench {device}: begin -->"
-SECTION_END = "<!-- contrastive.bench {device}: end -->"
+SECTION_BEGIN = "<!-- benchmarks/bench.py {device}: begin -->"
+SECTION_END = "<!-- benchmarks/bench.py {device}: end -->"
 WAIT_S = 3600  # the longest a worker may take to answer: a round on a slow, loaded machine, or its finish
 TARGETS = {
     "framework_vs_bare": ("<=", 1.05),
@@ -152,13 +151,13 @@ class Settings:
 def compose_config(settings: Settings, method: str, steps: int, extra: tuple[str, ...] = ()) -> dict[str, Any]:
     """The resolved config of ``method`` trained ``steps`` steps (plus ``extra`` overrides) as a plain dict: it
     travels to the worker processes as JSON."""
-    from hydra import compose, initialize_config_dir
+    from hydra import compose, initialize_config_module
     from omegaconf import OmegaConf
 
     from contrastive.config import register_configs, validate
 
     register_configs()
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+    with initialize_config_module("contrastive.conf", version_base="1.3"):
         cfg = compose("config", overrides=[*settings.overrides(method, steps), *extra])
     validate(cfg)
     return OmegaConf.to_container(cfg, resolve=True)
@@ -728,9 +727,9 @@ class Worker:
         else:
             self.stderr = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (open as long as the worker runs)
             self.popen = subprocess.Popen(
-                [python, "-m", "contrastive.bench", "--worker-spec", json.dumps(spec)],
+                [python, str(Path(__file__).resolve()), "--worker-spec", json.dumps(spec)],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True, bufsize=1,
-                cwd=str(Path(__file__).resolve().parents[1]),
+                env=package_env(),
             )
 
     def send(self, command: str) -> None:
@@ -773,6 +772,15 @@ class Worker:
                 self.popen.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 self.popen.kill()
+
+
+def package_env() -> dict[str, str]:
+    """The environment of a worker run by another Python (lightly's venv): it imports the same ``contrastive`` as
+    this process, from the folder holding it (the worker needs the package's modules, not its configs)."""
+    import contrastive
+
+    home = str(Path(contrastive.__file__).resolve().parents[1])
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [home, os.environ.get("PYTHONPATH")]))}
 
 
 def lightly_available(python: str) -> str | None:
@@ -934,7 +942,7 @@ def markdown_section(report: dict[str, Any]) -> str:
     mem = "peak CUDA memory allocated" if device == "cuda" else "growth of the resident set during training"
     lines = [
         SECTION_BEGIN.format(device=device),
-        f"## {title}: {m['device_name']}, {report['date']} (written by `contrastive.bench --markdown`)",
+        f"## {title}: {m['device_name']}, {report['date']} (written by `benchmarks/bench.py --markdown`)",
         "",
         f"Command: `{report['command']}`{' (`make bench-gpu`)' if device == 'cuda' else ''}. Machine: "
         f"{m['device_name'] + ', host ' if device == 'cuda' else ''}`{m['cpu']}` with {m['cores']} cores; "
@@ -1027,7 +1035,7 @@ def settings_from_args(args: argparse.Namespace) -> tuple[Settings, list[str]]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m contrastive.bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python benchmarks/bench.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--backbone", choices=("small_cnn", "resnet18"), default=None,
                    help="default: small_cnn on cpu, resnet18 on cuda")
@@ -1069,7 +1077,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     import lightning
     device_name = cpu_model() if s.device == "cpu" else results["simclr"].get("gpu", "cuda")
     report = {
-        "command": " ".join(["python -m contrastive.bench", *map(shlex.quote, sys.argv[1:] if argv is None else argv)]),
+        "command": " ".join(["python benchmarks/bench.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)]),
         "date": datetime.date.today().isoformat(),
         "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "device_name": device_name,
                     "python": platform.python_version(), "torch": torch.__version__, "lightning": lightning.__version__,

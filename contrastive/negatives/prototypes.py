@@ -1,0 +1,169 @@
+"""SwAV's dictionary (Caron et al. 2020): learnable prototypes instead of explicit negatives, the Sinkhorn-balanced
+codes of the batch against them (:func:`contrastive.losses.sinkhorn`), and the feature queue that enlarges the set
+Sinkhorn balances when batches are small; their usage, the figures of the collapse check, and their config checks.
+
+As the other sources, a component of its method: ``prototypes`` and ``queue`` are registered on the method, under
+the names its checkpoints carry (``prototypes.weight``, ``queue.features``, ``queue.ptr``, ``queue.filled``).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from contrastive import losses
+from contrastive.errors import ConfigWarning
+from contrastive.negatives.base import require
+from contrastive.negatives.ring import RingBuffer
+
+if TYPE_CHECKING:
+    from contrastive.methods.swav import SwAV
+
+
+class FeatureQueue(RingBuffer):
+    """This process's FIFO of past large-crop embeddings, one row of ``size`` slots per large crop; ``filled``
+    counts written slots."""
+
+    def __init__(self, crops: int, size: int, dim: int):
+        super().__init__({"features": torch.zeros(crops, size, dim)}, slot_dim=1, count_filled=True)
+
+    @property
+    def size(self) -> int:
+        return self.capacity
+
+    def enqueue(self, embeddings: Tensor) -> None:
+        """``embeddings`` ``[crops, n, D]`` replace each row's oldest ``n`` slots."""
+        self.write(features=embeddings)
+
+
+def normalised_entropy(counts: Tensor) -> Tensor:
+    """Entropy of the distribution ``counts / counts.sum()`` divided by ``ln(len(counts))``: 1 = uniform usage,
+    0 = a single bin."""
+    p = counts.double() / counts.sum().clamp_min(1)
+    return -torch.special.xlogy(p, p).sum() / math.log(len(counts))
+
+
+class Prototypes:
+    def __init__(self, method: SwAV):
+        self.method = method
+        m = method.cfg.method
+        self.check_built(method.cfg)
+        method.prototypes = nn.Linear(m.proj_out_dim, m.num_prototypes, bias=False)
+        method.queue = FeatureQueue(m.num_views, m.queue_size, m.proj_out_dim) if m.queue_size > 0 else None
+        self.normalize()
+        # -1 (one epoch) is resolved when training starts and the epoch length is known
+        self.freeze_until = max(int(m.freeze_prototypes_steps), 0)
+        self.usage: Tensor | None = None
+        self.loss_sum: Tensor | None = None
+        self.loss_steps = 0
+
+    # -- config checks -----------------------------------------------------------------------------------------
+    @classmethod
+    def check(cls, cfg: Any, world_size: int) -> None:
+        m = cfg.method
+        for key, value in (("num_prototypes", m.num_prototypes), ("sinkhorn_iterations", m.sinkhorn_iterations)):
+            require(value >= 1, f"method.{key}={value} must be >= 1")
+        cls.check_built(cfg)
+
+    @staticmethod
+    def check_built(cfg: Any) -> None:
+        """Also run when the model is built (tests and tools build it without the config checks)."""
+        m, batch = cfg.method, cfg.data.batch_size
+        require(m.num_prototypes >= 2, f"method.num_prototypes={m.num_prototypes} must be >= 2")
+        require(m.sinkhorn_epsilon > 0 and m.sinkhorn_iterations >= 1,
+                f"method.sinkhorn_epsilon={m.sinkhorn_epsilon} must be > 0 and "
+                f"method.sinkhorn_iterations={m.sinkhorn_iterations} >= 1")
+        require(m.num_views + m.num_small_views >= 2,
+                f"method.num_views={m.num_views} + method.num_small_views={m.num_small_views}: "
+                "swapped prediction needs at least 2 crops")
+        require(m.queue_size >= 0 and m.queue_size % batch == 0,
+                f"method.queue_size={m.queue_size} must be 0 (no queue) or a positive multiple of "
+                f"data.batch_size={batch} (the queue is per process), or entries are silently dropped")
+
+    @classmethod
+    def check_with_data(cls, cfg: Any, num_train: int, world_size: int) -> None:
+        m = cfg.method
+        if m.num_prototypes > num_train // 2:
+            warnings.warn(
+                f"method.num_prototypes={m.num_prototypes} for {num_train} training images: with more than one "
+                f"prototype per two images the equipartitioned codes cannot group images; use at most "
+                f"{num_train // 2} (about 10x the number of classes works on small data)", ConfigWarning,
+                stacklevel=4)
+
+    # -- the prototypes: unit length, frozen for a while ---------------------------------------------------------
+    @torch.no_grad()
+    def normalize(self) -> None:
+        w = self.method.prototypes.weight
+        w.copy_(F.normalize(w, dim=1))
+
+    def frozen(self) -> bool:
+        """Whether the coming optimiser step leaves the prototypes where they are."""
+        return self.method.global_step < self.freeze_until
+
+    # -- codes and the queue -------------------------------------------------------------------------------------
+    def queue_active(self) -> bool:
+        queue = self.method.queue
+        return queue is not None and self.method.current_epoch >= self.method.cfg.method.queue_start_epoch and queue.full
+
+    @torch.no_grad()
+    def codes(self, scores: list[Tensor]) -> list[Tensor]:
+        """Sinkhorn codes of each large crop's scores ``[n, K]``; with the queue active, the queue's scores against
+        the current prototypes join the balanced set and only the batch's rows are kept. In float32 whatever the
+        autocast: exponentials at ``1 / epsilon`` do not survive half precision."""
+        m, queue = self.method.cfg.method, self.method.queue
+        use_queue = self.queue_active()
+        prototypes = self.method.prototypes.weight.detach().float()
+        out = []
+        with torch.autocast(device_type=scores[0].device.type, enabled=False):
+            for i, batch_scores in enumerate(scores):
+                s = batch_scores.float()
+                if use_queue:
+                    s = torch.cat([queue.features[i].float() @ prototypes.T, s])
+                out.append(losses.sinkhorn(s, m.sinkhorn_epsilon, m.sinkhorn_iterations)[-len(batch_scores) :])
+        return out
+
+    def enqueue(self, large: Tensor) -> None:
+        """The large crops' embeddings ``[crops, n, D]``, from ``method.queue_start_epoch`` on, as the official code
+        creates the queue then: it is used once full, so its first use holds no embedding from before that epoch."""
+        queue = self.method.queue
+        if queue is not None and self.method.current_epoch >= self.method.cfg.method.queue_start_epoch:
+            queue.enqueue(large)
+
+    # -- usage, for the collapse check and the figures -------------------------------------------------------------
+    @torch.no_grad()
+    def track(self, loss: Tensor, codes: list[Tensor]) -> None:
+        """Accumulate, on the device, the epoch's loss and how often each prototype is a code's argmax."""
+        assigned = torch.cat(codes).argmax(1)
+        if self.usage is None or self.usage.device != assigned.device:
+            self.usage = torch.zeros(self.method.cfg.method.num_prototypes, device=assigned.device)
+            self.loss_sum = torch.zeros((), device=assigned.device)
+            self.loss_steps = 0
+        # scatter_add rather than bincount: bincount reads the maximum back to the host on a GPU
+        self.usage.scatter_add_(0, assigned, torch.ones_like(assigned, dtype=self.usage.dtype))
+        self.loss_sum += loss.detach().float()
+        self.loss_steps += 1
+
+    def entropy(self) -> float | None:
+        """Normalised entropy of this epoch's prototype usage (argmax of the codes); ``None`` before a step."""
+        return None if self.usage is None else float(normalised_entropy(self.usage))
+
+    def end_epoch(self) -> tuple[float, float] | None:
+        """The epoch's mean loss and usage entropy (one host sync), then a fresh count; ``None`` without a step."""
+        if self.usage is None or self.loss_steps == 0:
+            return None
+        figures = float(self.loss_sum) / self.loss_steps, self.entropy()
+        self.usage, self.loss_sum, self.loss_steps = None, None, 0
+        return figures
+
+    def stats(self) -> dict[str, float]:
+        """K entries, no explicit negatives; plus their usage entropy."""
+        stats = {"negatives_per_query": 0.0, "dictionary_size": float(self.method.cfg.method.num_prototypes)}
+        entropy = self.entropy()
+        if entropy is not None:
+            stats["prototype_entropy"] = entropy
+        return stats
