@@ -9,13 +9,11 @@ There are no explicit negatives: a set of learnable prototypes is the dictionary
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from contrastive import distributed as dist
 from contrastive import losses
 from contrastive.methods.base import ContrastiveMethod, StepOutput
 from contrastive.negatives.prototypes import FeatureQueue, Prototypes, normalised_entropy
@@ -25,14 +23,11 @@ __all__ = ["FeatureQueue", "SwAV", "normalised_entropy"]
 
 class SwAV(ContrastiveMethod):
     negatives_source = "prototypes"
-    collapse_patience = 3  # consecutive per-epoch checks before the collapse alarm
     collapse_entropy = 0.1  # normalised usage entropy of the codes' argmax below which the codes have collapsed
 
     def __init__(self, cfg, num_train: int):
         super().__init__(cfg, num_train)
         self.dictionary = Prototypes(self)
-        self._collapse_streak = 0
-        self._alarmed = False
 
     @classmethod
     def check_config(cls, cfg, world_size: int) -> None:
@@ -78,28 +73,27 @@ class SwAV(ContrastiveMethod):
         self.dictionary.track(loss, codes)
         return StepOutput(loss=loss, features=feats[0][:n], logs={})
 
-    # -- collapse alarm and figures ------------------------------------------------------------------------------
-    def on_train_epoch_end(self) -> None:
-        """Once per epoch: raise the collapse alarm after ``collapse_patience`` collapsed epochs."""
-        figures = self.dictionary.end_epoch()
+    # -- signs of collapse (for the one alarm, callbacks.CollapseWatch) and figures --------------------------------
+    def collapse_signs(self) -> str | None:
+        """This epoch's sign of collapse, or ``None``: the loss at ln(K) (codes near uniform) or the codes' argmax
+        on almost one prototype. CollapseWatch calls it before ``on_train_epoch_end`` resets the figures, and warns
+        once after ``patience`` such epochs in a row."""
+        figures = self.dictionary.epoch_figures()
         if figures is None:
-            return
+            return None
         loss, entropy = figures
         log_k = math.log(self.cfg.method.num_prototypes)
-        collapsed = abs(loss - log_k) <= 0.01 * log_k or entropy < self.collapse_entropy
-        self._collapse_streak = self._collapse_streak + 1 if collapsed else 0
-        if self._collapse_streak >= self.collapse_patience and not self._alarmed:
-            self._alarmed = True
-            if dist.rank() == 0:
-                warnings.warn(
-                    f"SwAV looks collapsed: for {self._collapse_streak} epochs the loss sat at ln(K)={log_k:.3f} "
-                    f"(last epoch {loss:.3f}) or the codes used almost one prototype (normalised usage entropy "
-                    f"{entropy:.3f}). Likely causes: a learning rate too high (optim.lr), a Sinkhorn epsilon too "
-                    "large, which makes the codes near uniform (method.sinkhorn_epsilon), or a queue started too "
-                    "early (method.queue_start_epoch).",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
+        if abs(loss - log_k) > 0.01 * log_k and entropy >= self.collapse_entropy:
+            return None
+        return (
+            "SwAV looks collapsed; likely causes: a learning rate too high (optim.lr), a Sinkhorn epsilon too large, "
+            "which makes the codes near uniform (method.sinkhorn_epsilon), or a queue started too early "
+            f"(method.queue_start_epoch). The loss sat at ln(K)={log_k:.3f} (this epoch {loss:.3f}) or the codes "
+            f"used almost one prototype (normalised usage entropy {entropy:.3f})"
+        )
+
+    def on_train_epoch_end(self) -> None:
+        self.dictionary.end_epoch()
 
     def dictionary_stats(self) -> dict[str, float]:
         return self.dictionary.stats()

@@ -152,13 +152,15 @@ class Prototypes:
         """Normalised entropy of this epoch's prototype usage (argmax of the codes); ``None`` before a step."""
         return None if self.usage is None else float(normalised_entropy(self.usage))
 
-    def end_epoch(self) -> tuple[float, float] | None:
-        """The epoch's mean loss and usage entropy (one host sync), then a fresh count; ``None`` without a step."""
+    def epoch_figures(self) -> tuple[float, float] | None:
+        """The epoch's mean loss and usage entropy so far (one host sync); ``None`` without a step."""
         if self.usage is None or self.loss_steps == 0:
             return None
-        figures = float(self.loss_sum) / self.loss_steps, self.entropy()
+        return float(self.loss_sum) / self.loss_steps, self.entropy()
+
+    def end_epoch(self) -> None:
+        """A fresh count for the next epoch."""
         self.usage, self.loss_sum, self.loss_steps = None, None, 0
-        return figures
 
     def stats(self) -> dict[str, float]:
         """K entries, no explicit negatives; plus their usage entropy."""
