@@ -39,7 +39,7 @@ test-all: install
 
 # On a GPU machine with this venv already installed (it downloads nothing): SimCLR ResNet-18 epochs on 50,000
 # synthetic 32 px images in bf16, eager and compiled, every method's step, the torchvision-worker float32 loop, peak
-# memory; written as a section of BENCHMARKS.md. CPU dry run: tests/test_bench.py (slow).
+# memory; written as a section of BENCHMARKS.md. CPU dry run: tests/integration/test_bench.py (slow).
 .PHONY: bench-gpu
 bench-gpu:
 	$(PYTHON) benchmarks/bench.py --device cuda --lightly none --markdown BENCHMARKS.md

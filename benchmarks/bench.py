@@ -116,7 +116,6 @@ class Settings:
     def timed_end(self, kind: str, name: str) -> int:
         return self.warmup + self.chunks(name) * (self.settle(kind) + self.steps)
 
-
     @property
     def train_images(self) -> int:
         return self.data_size - round(self.data_size * 0.2)  # data.val_fraction
@@ -128,15 +127,30 @@ class Settings:
         """Hydra overrides composing the real config of ``method`` for this benchmark, trained ``steps`` steps."""
         cuda = self.device == "cuda"
         out = [
-            f"method={method}", f"backbone={self.backbone}", "data=synthetic", "augment=simclr", "logger=csv",
-            f"data.size={self.data_size}", f"data.batch_size={self.batch}", f"data.image_size={self.image_size}",
-            f"data.small_size={self.image_size // 2}", f"data.channels={self.channels}",
-            f"data.mean=[{','.join(['0.5004'] * self.channels)}]", f"data.std=[{','.join(['0.2226'] * self.channels)}]",
-            f"method.proj_hidden_dim={self.proj_hidden_dim}", f"method.proj_out_dim={self.proj_out_dim}",
-            f"trainer.accelerator={'gpu' if cuda else 'cpu'}", "trainer.devices=1", f"trainer.precision={self.precision}",
-            f"trainer.max_epochs={self.epochs(steps)}", f"trainer.max_steps={steps}", "trainer.limit_val_batches=0",
-            "trainer.enable_progress_bar=false", f"perf.channels_last={str(self.channels_last).lower()}",
-            f"perf.compile={str(self.compile).lower()}", f"seed={self.seed}",
+            f"method={method}",
+            f"backbone={self.backbone}",
+            "data=synthetic",
+            "augment=simclr",
+            "logger=csv",
+            f"data.size={self.data_size}",
+            f"data.batch_size={self.batch}",
+            f"data.image_size={self.image_size}",
+            f"data.small_size={self.image_size // 2}",
+            f"data.channels={self.channels}",
+            f"data.mean=[{','.join(['0.5004'] * self.channels)}]",
+            f"data.std=[{','.join(['0.2226'] * self.channels)}]",
+            f"method.proj_hidden_dim={self.proj_hidden_dim}",
+            f"method.proj_out_dim={self.proj_out_dim}",
+            f"trainer.accelerator={'gpu' if cuda else 'cpu'}",
+            "trainer.devices=1",
+            f"trainer.precision={self.precision}",
+            f"trainer.max_epochs={self.epochs(steps)}",
+            f"trainer.max_steps={steps}",
+            "trainer.limit_val_batches=0",
+            "trainer.enable_progress_bar=false",
+            f"perf.channels_last={str(self.channels_last).lower()}",
+            f"perf.compile={str(self.compile).lower()}",
+            f"seed={self.seed}",
             f"data.on_device={str(self.on_device).lower()}",
         ]
         if self.backbone == "small_cnn":
@@ -166,8 +180,16 @@ def compose_config(settings: Settings, method: str, steps: int, extra: tuple[str
 # -- measurement helpers -----------------------------------------------------------------------------------------
 # aten ops after which the host holds a value computed on the device: on a GPU each one waits for the queue to drain
 SYNC_OPS = {
-    "aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::_unique", "aten::_unique2",
-    "aten::unique_dim", "aten::unique_consecutive", "aten::bincount", "aten::equal", "aten::is_nonzero",
+    "aten::_local_scalar_dense",
+    "aten::nonzero",
+    "aten::masked_select",
+    "aten::_unique",
+    "aten::_unique2",
+    "aten::unique_dim",
+    "aten::unique_consecutive",
+    "aten::bincount",
+    "aten::equal",
+    "aten::is_nonzero",
 }
 INDEX_OPS = {"aten::index", "aten::index_put", "aten::index_put_", "aten::_index_put_impl_"}
 
@@ -298,8 +320,9 @@ class Schedule:
     steps, each started by the coordinator's ``go``; then, after its ``finish``, the rest of the budget. The loop
     calls :meth:`before_fetch`, :meth:`fetched` and :meth:`step_end` around each step."""
 
-    def __init__(self, s: Settings, kind: str, name: str, channel: Channel, sync: Callable[[], None],
-                 audit: bool) -> None:
+    def __init__(
+        self, s: Settings, kind: str, name: str, channel: Channel, sync: Callable[[], None], audit: bool
+    ) -> None:
         self.s, self.channel, self.sync = s, channel, sync
         self.settle, self.timed_end = s.settle(kind), s.timed_end(kind, name)
         self.round_starts = [s.warmup + r * (self.settle + s.steps) for r in range(s.chunks(name))]
@@ -350,8 +373,9 @@ class Schedule:
         if any(step == start + self.settle + self.s.steps - 1 for start in self.round_starts):
             self.sync()
             seconds, cpu = time.perf_counter() - self._t0, cpu_seconds() - self._cpu0
-            self.rounds.append({"step_s": seconds / self.s.steps, "data_s": self._data / self.s.steps,
-                                "cpu_s": cpu / self.s.steps})
+            self.rounds.append(
+                {"step_s": seconds / self.s.steps, "data_s": self._data / self.s.steps, "cpu_s": cpu / self.s.steps}
+            )
             if step == self.timed_end - 1:
                 self.peak_mem_mb = peak_memory_mb(self.s.device)
             self.channel.send({"event": "round", **self.rounds[-1]})
@@ -450,8 +474,13 @@ def run_framework(spec: dict[str, Any], channel: Channel) -> dict[str, Any]:
         trainer_args = {k: v for k, v in cfg.trainer.items()}
         trainer_args["strategy"] = build_strategy(cfg)
         trainer = L.Trainer(
-            **trainer_args, default_root_dir=out, logger=build_logger(cfg, Path(out)), callbacks=[Driver()],
-            enable_checkpointing=False, enable_model_summary=False, sync_batchnorm=cfg.backbone.sync_batchnorm,
+            **trainer_args,
+            default_root_dir=out,
+            logger=build_logger(cfg, Path(out)),
+            callbacks=[Driver()],
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            sync_batchnorm=cfg.backbone.sync_batchnorm,
         )
         if cfg.perf.compile:
             model.backbone.compile()  # in place, as train does
@@ -493,12 +522,22 @@ def time_epoch(model, dm, cfg, out: str) -> dict[str, float]:
 
     trainer_args = {k: v for k, v in cfg.trainer.items()}
     trainer_args.update(strategy=build_strategy(cfg), max_epochs=2, max_steps=-1)
-    trainer = L.Trainer(**trainer_args, default_root_dir=out, logger=False, callbacks=[EpochTimer()],
-                        enable_checkpointing=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        **trainer_args,
+        default_root_dir=out,
+        logger=False,
+        callbacks=[EpochTimer()],
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
     trainer.fit(model, datamodule=dm)
     images = trainer.num_training_batches * cfg.data.batch_size
-    return {"epoch_s": round(seconds[-1], 3), "epoch_images": images,
-            "epoch_images_per_sec": round(images / seconds[-1], 1), "epoch_peak_mem_mb": round(peak_memory_mb(device), 1)}
+    return {
+        "epoch_s": round(seconds[-1], 3),
+        "epoch_images": images,
+        "epoch_images_per_sec": round(images / seconds[-1], 1),
+        "epoch_peak_mem_mb": round(peak_memory_mb(device), 1),
+    }
 
 
 def _bare_optimizer(cfg, modules, total: int):
@@ -606,15 +645,21 @@ def torchvision_views(cfg):
 
     a, d = cfg.augment, cfg.data
     jitter = a.color_jitter
-    view = T.Compose([
-        T.RandomResizedCrop(a.large.size, scale=tuple(a.large.scale)),
-        T.RandomHorizontalFlip(a.hflip if d.flip else 0.0),
-        T.RandomApply([T.ColorJitter(jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue)], p=jitter.p),
-        T.RandomGrayscale(a.grayscale),
-        T.RandomApply([T.GaussianBlur(blur_kernel_size(a.large.size, a.blur.sigma[1]), tuple(a.blur.sigma))], p=a.blur.p),
-        T.ToTensor(),
-        T.Normalize(list(d.mean), list(d.std)),
-    ])
+    view = T.Compose(
+        [
+            T.RandomResizedCrop(a.large.size, scale=tuple(a.large.scale)),
+            T.RandomHorizontalFlip(a.hflip if d.flip else 0.0),
+            T.RandomApply(
+                [T.ColorJitter(jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue)], p=jitter.p
+            ),
+            T.RandomGrayscale(a.grayscale),
+            T.RandomApply(
+                [T.GaussianBlur(blur_kernel_size(a.large.size, a.blur.sigma[1]), tuple(a.blur.sigma))], p=a.blur.p
+            ),
+            T.ToTensor(),
+            T.Normalize(list(d.mean), list(d.std)),
+        ]
+    )
     return TwoViews(view)
 
 
@@ -626,10 +671,19 @@ def lightly_views(cfg):
     a, d = cfg.augment, cfg.data
     jitter = a.color_jitter
     return SimCLRTransform(
-        input_size=a.large.size, cj_prob=jitter.p, cj_strength=1.0, cj_bright=jitter.brightness,
-        cj_contrast=jitter.contrast, cj_sat=jitter.saturation, cj_hue=jitter.hue, min_scale=a.large.scale[0],
-        random_gray_scale=a.grayscale, gaussian_blur=a.blur.p, sigmas=tuple(a.blur.sigma),
-        hf_prob=a.hflip if d.flip else 0.0, normalize={"mean": list(d.mean), "std": list(d.std)},
+        input_size=a.large.size,
+        cj_prob=jitter.p,
+        cj_strength=1.0,
+        cj_bright=jitter.brightness,
+        cj_contrast=jitter.contrast,
+        cj_sat=jitter.saturation,
+        cj_hue=jitter.hue,
+        min_scale=a.large.scale[0],
+        random_gray_scale=a.grayscale,
+        gaussian_blur=a.blur.p,
+        sigmas=tuple(a.blur.sigma),
+        hf_prob=a.hflip if d.flip else 0.0,
+        normalize={"mean": list(d.mean), "std": list(d.std)},
     )
 
 
@@ -666,10 +720,16 @@ def run_loader_loop(spec: dict[str, Any], channel: Channel) -> dict[str, Any]:
     train = dm.train_set
     dataset = PILImages(train.images, train.labels, transform)
     # the loader's workers fork, as by default on Linux, also when this worker was itself spawned (CUDA)
-    loader = DataLoader(dataset, batch_size=cfg.data.batch_size, shuffle=True, drop_last=True,
-                        num_workers=s.loader_workers, persistent_workers=s.loader_workers > 0,
-                        pin_memory=device.type == "cuda",
-                        multiprocessing_context=mp.get_context("fork") if s.loader_workers > 0 else None)
+    loader = DataLoader(
+        dataset,
+        batch_size=cfg.data.batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=s.loader_workers,
+        persistent_workers=s.loader_workers > 0,
+        pin_memory=device.type == "cuda",
+        multiprocessing_context=mp.get_context("fork") if s.loader_workers > 0 else None,
+    )
     schedule = Schedule(s, spec["kind"], spec["name"], channel, _device_sync(s.device), audit=s.audit)
     batches = _cycle(loader)
     for step in range(spec["total_steps"]):
@@ -728,7 +788,11 @@ class Worker:
             self.stderr = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (open as long as the worker runs)
             self.popen = subprocess.Popen(
                 [python, str(Path(__file__).resolve()), "--worker-spec", json.dumps(spec)],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True, bufsize=1,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=self.stderr,
+                text=True,
+                bufsize=1,
                 env=package_env(),
             )
 
@@ -755,7 +819,7 @@ class Worker:
             if not line.startswith(MARK):
                 self.stderr.seek(0)
                 raise RuntimeError(f"worker {self.name} died:\n{self.stderr.read()[-3000:]}")
-            message = json.loads(line[len(MARK):])
+            message = json.loads(line[len(MARK) :])
         if message.get("event") == "error":
             raise RuntimeError(f"worker {self.name} failed:\n{message['message']}")
         return message
@@ -787,8 +851,13 @@ def lightly_available(python: str) -> str | None:
     """The version of lightly that ``python`` imports, or None."""
     if not python or not Path(python).exists():
         return None
-    probe = subprocess.run([python, "-c", "import lightly; print(lightly.__version__)"], capture_output=True,
-                           text=True, timeout=300, check=False)
+    probe = subprocess.run(
+        [python, "-c", "import lightly; print(lightly.__version__)"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     return probe.stdout.strip() if probe.returncode == 0 else None
 
 
@@ -822,8 +891,13 @@ def run(s: Settings) -> dict[str, Any]:
     workers = []
     for name, kind, method, extra in plan:
         steps = steps_of[name]
-        spec = {"name": name, "kind": kind, "settings": asdict(s), "total_steps": steps,
-                "cfg": compose_config(s, method, steps, extra)}
+        spec = {
+            "name": name,
+            "kind": kind,
+            "settings": asdict(s),
+            "total_steps": steps,
+            "cfg": compose_config(s, method, steps, extra),
+        }
         workers.append(Worker(name, spec, python=s.lightly if kind == "lightly" else None))
     reference, others = workers[0], workers[1:]
     paired: dict[str, dict[str, list[float]]] = {w.name: {"step_s": [], "cpu_s": []} for w in others}
@@ -881,8 +955,14 @@ def summarise(s: Settings, results: dict[str, Any]) -> dict[str, Any]:
         step = _median([x["step_s"] for x in r["rounds"]])
         data = _median([x["data_s"] for x in r["rounds"]])
         cpu = _median([x["cpu_s"] for x in r["rounds"]])
-        r.update(step_s=round(step, 5), data_s=round(data, 5), data_vs_step=round(data / step, 4),
-                 images_per_sec=round(s.batch / step, 1), cpu_s=round(cpu, 5), cores_busy=round(cpu / step, 2))
+        r.update(
+            step_s=round(step, 5),
+            data_s=round(data, 5),
+            data_vs_step=round(data / step, 4),
+            images_per_sec=round(s.batch / step, 1),
+            cpu_s=round(cpu, 5),
+            cores_busy=round(cpu / step, 2),
+        )
     ratios: dict[str, Any] = {}
     ratios["framework_vs_bare"] = _target("framework_vs_bare", 1 / paired_ratio(results["bare"]))
     for name, r in results.items():
@@ -905,11 +985,15 @@ def summarise(s: Settings, results: dict[str, Any]) -> dict[str, Any]:
 def table(report: dict[str, Any]) -> str:
     s = report["settings"]
     lines = [
-        (f"{s['backbone']} | batch {s['batch']} | {s['image_size']} px x {s['channels']} ch | {s['device']} "
-         f"({report['machine']['device_name']}) | {s['precision']} | {s['rounds']} rounds x {s['steps']} steps"),
+        (
+            f"{s['backbone']} | batch {s['batch']} | {s['image_size']} px x {s['channels']} ch | {s['device']} "
+            f"({report['machine']['device_name']}) | {s['precision']} | {s['rounds']} rounds x {s['steps']} steps"
+        ),
         "",
-        (f"{'contender':<12} {'images/s':>10} {'step ms':>9} {'data ms':>8} {'data/step':>9} {'cores':>6} "
-         f"{'mem MB':>8} {'syncs/step':>10} {'kNN':>6}"),
+        (
+            f"{'contender':<12} {'images/s':>10} {'step ms':>9} {'data ms':>8} {'data/step':>9} {'cores':>6} "
+            f"{'mem MB':>8} {'syncs/step':>10} {'kNN':>6}"
+        ),
     ]
     for name, r in report["results"].items():
         syncs = r.get("sync_points")
@@ -925,10 +1009,18 @@ def table(report: dict[str, Any]) -> str:
     reference = report["results"][REFERENCE]
     for prefix, label in (("", "eager"), ("compiled_", "compiled")):
         if f"{prefix}epoch_s" in reference:
-            lines.append(f"simclr epoch ({label}, {s['precision']}): {reference[f'{prefix}epoch_s']:.3f} s for "
-                         f"{reference[f'{prefix}epoch_images']} images, peak {reference[f'{prefix}epoch_peak_mem_mb']:.0f} MB")
-    lines.append("mem MB: " + ("peak CUDA memory allocated" if s["device"] == "cuda" else
-                               "growth of the resident set during training (loader workers not counted)"))
+            lines.append(
+                f"simclr epoch ({label}, {s['precision']}): {reference[f'{prefix}epoch_s']:.3f} s for "
+                f"{reference[f'{prefix}epoch_images']} images, peak {reference[f'{prefix}epoch_peak_mem_mb']:.0f} MB"
+            )
+    lines.append(
+        "mem MB: "
+        + (
+            "peak CUDA memory allocated"
+            if s["device"] == "cuda"
+            else "growth of the resident set during training (loader workers not counted)"
+        )
+    )
     for note in report["notes"]:
         lines.append(f"note: {note}")
     return "\n".join(lines)
@@ -959,17 +1051,23 @@ def markdown_section(report: dict[str, Any]) -> str:
         lines += ["| SimCLR, one whole epoch | seconds | images | images/s | peak MB |", "|---|---:|---:|---:|---:|"]
         for prefix, label in (("", "eager"), ("compiled_", "compiled (`torch.compile`, inductor)")):
             if f"{prefix}epoch_s" in reference:
-                lines.append(f"| {s['precision']}, {label} | {reference[f'{prefix}epoch_s']:.3f} | "
-                             f"{reference[f'{prefix}epoch_images']:,} | {reference[f'{prefix}epoch_images_per_sec']:,.0f} | "
-                             f"{reference[f'{prefix}epoch_peak_mem_mb']:,.0f} |")
+                lines.append(
+                    f"| {s['precision']}, {label} | {reference[f'{prefix}epoch_s']:.3f} | "
+                    f"{reference[f'{prefix}epoch_images']:,} | {reference[f'{prefix}epoch_images_per_sec']:,.0f} | "
+                    f"{reference[f'{prefix}epoch_peak_mem_mb']:,.0f} |"
+                )
         lines.append("")
-    lines += [f"| contender | images/s | step ms | data ms | data/step | mem MB ({mem}) | syncs/step | kNN |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += [
+        f"| contender | images/s | step ms | data ms | data/step | mem MB ({mem}) | syncs/step | kNN |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for name, r in results.items():
         syncs = r.get("sync_points")
-        lines.append(f"| {name} | {r['images_per_sec']:.1f} | {1000 * r['step_s']:.2f} | {1000 * r['data_s']:.2f} | "
-                     f"{r['data_vs_step']:.3f} | {r.get('train_mem_mb', r['peak_mem_mb']):.0f} | "
-                     f"{'-' if syncs is None else syncs} | {r.get('knn_acc', '-')} |")
+        lines.append(
+            f"| {name} | {r['images_per_sec']:.1f} | {1000 * r['step_s']:.2f} | {1000 * r['data_s']:.2f} | "
+            f"{r['data_vs_step']:.3f} | {r.get('train_mem_mb', r['peak_mem_mb']):.0f} | "
+            f"{'-' if syncs is None else syncs} | {r.get('knn_acc', '-')} |"
+        )
     lines += ["", "| ratio (median of paired rounds; epoch: seconds) | value | target | met |", "|---|---:|---|---|"]
     for name, t in ratios.items():
         lines.append(f"| {name} | {t['value']:.3f} | {t['target']} | {'yes' if t['met'] else 'no'} |")
@@ -994,9 +1092,11 @@ def write_markdown_section(path: Path, section: str, device: str) -> None:
 def settings_from_args(args: argparse.Namespace) -> tuple[Settings, list[str]]:
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
-        raise SystemExit("--device cuda (make bench-gpu): torch sees no CUDA device here (torch "
-                         f"{torch.__version__}, CUDA {torch.version.cuda}); without a GPU, the dry run is "
-                         "--device cpu --tiny --gpu-recipe")
+        raise SystemExit(
+            "--device cuda (make bench-gpu): torch sees no CUDA device here (torch "
+            f"{torch.__version__}, CUDA {torch.version.cuda}); without a GPU, the dry run is "
+            "--device cpu --tiny --gpu-recipe"
+        )
     s = Settings(device=args.device, backbone=args.backbone or ("resnet18" if cuda else "small_cnn"))
     notes: list[str] = []
     if cuda or args.gpu_recipe:
@@ -1028,8 +1128,10 @@ def settings_from_args(args: argparse.Namespace) -> tuple[Settings, list[str]]:
         if version:
             s.lightly = python
         else:
-            notes.append(f"lightly not run: {python} cannot import lightly (python -m venv --system-site-packages "
-                         f"/tmp/lightly-venv && /tmp/lightly-venv/bin/pip install lightly)")
+            notes.append(
+                f"lightly not run: {python} cannot import lightly (python -m venv --system-site-packages "
+                f"/tmp/lightly-venv && /tmp/lightly-venv/bin/pip install lightly)"
+            )
     s.contenders = len(plan_workers(s))
     return s, notes
 
@@ -1037,12 +1139,19 @@ def settings_from_args(args: argparse.Namespace) -> tuple[Settings, list[str]]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python benchmarks/bench.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--backbone", choices=("small_cnn", "resnet18"), default=None,
-                   help="default: small_cnn on cpu, resnet18 on cuda")
+    p.add_argument(
+        "--backbone",
+        choices=("small_cnn", "resnet18"),
+        default=None,
+        help="default: small_cnn on cpu, resnet18 on cuda",
+    )
     p.add_argument("--batch", type=int, help="images per step (default 128 on cpu, 512 on cuda)")
     p.add_argument("--steps", type=int, help="timed steps per contender per round")
-    p.add_argument("--rounds", type=int, help="rounds: every contender runs --steps timed steps in each, next to "
-                   "as many of the reference (simclr)")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        help="rounds: every contender runs --steps timed steps in each, next to as many of the reference (simclr)",
+    )
     p.add_argument("--warmup", type=int, help="untimed steps before the first round")
     p.add_argument("--budget", type=int, help="training steps of every contender in all, for the kNN comparison")
     p.add_argument("--threads", type=int, help="torch threads per contender (default 1 on cpu)")
@@ -1051,13 +1160,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lightly", default="auto", help="the Python with lightly installed; 'auto' or 'none'")
     p.add_argument("--compile", action="store_true", help="torch.compile the backbone (framework and bare loop)")
     p.add_argument("--tiny", action="store_true", help="a few tiny steps: checks that the benchmark runs")
-    p.add_argument("--on-device", action="store_true", help="data.on_device=true: the framework and the bare loop "
-                   "read the training split kept on the device (no DataLoader; set by --device cuda)")
-    p.add_argument("--gpu-recipe", action="store_true", help="what --device cuda measures (bf16, channels_last, "
-                   "epoch eager and compiled, the cpu_aug loop) on any device: with --device cpu --tiny, a dry run "
-                   "of make bench-gpu")
-    p.add_argument("--markdown", type=Path, help="write the report as a section of this Markdown file "
-                   "(BENCHMARKS.md), replacing the section an earlier run of the same device kind wrote")
+    p.add_argument(
+        "--on-device",
+        action="store_true",
+        help="data.on_device=true: the framework and the bare loop "
+        "read the training split kept on the device (no DataLoader; set by --device cuda)",
+    )
+    p.add_argument(
+        "--gpu-recipe",
+        action="store_true",
+        help="what --device cuda measures (bf16, channels_last, "
+        "epoch eager and compiled, the cpu_aug loop) on any device: with --device cpu --tiny, a dry run "
+        "of make bench-gpu",
+    )
+    p.add_argument(
+        "--markdown",
+        type=Path,
+        help="write the report as a section of this Markdown file "
+        "(BENCHMARKS.md), replacing the section an earlier run of the same device kind wrote",
+    )
     p.add_argument("--no-knn", action="store_true", help="skip the kNN evaluations")
     p.add_argument("--no-audit", action="store_true", help="skip the host-sync audit of a training step")
     p.add_argument("--out", type=Path, help="also write the report as JSON to this file")
@@ -1075,15 +1196,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     results = run(s)
     report = summarise(s, results)
     import lightning
+
     device_name = cpu_model() if s.device == "cpu" else results["simclr"].get("gpu", "cuda")
     report = {
         "command": " ".join(["python benchmarks/bench.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)]),
         "date": datetime.date.today().isoformat(),
-        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "device_name": device_name,
-                    "python": platform.python_version(), "torch": torch.__version__, "lightning": lightning.__version__,
-                    "lightly": results.get("lightly", {}).get("lightly_version")},
-        "settings": {**asdict(s), "settle_loader_workers": s.settle("lightly"), "reference_chunks": s.chunks(REFERENCE),
-                     "train_images": s.train_images},
+        "machine": {
+            "cpu": cpu_model(),
+            "cores": os.cpu_count(),
+            "device_name": device_name,
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "lightning": lightning.__version__,
+            "lightly": results.get("lightly", {}).get("lightly_version"),
+        },
+        "settings": {
+            **asdict(s),
+            "settle_loader_workers": s.settle("lightly"),
+            "reference_chunks": s.chunks(REFERENCE),
+            "train_images": s.train_images,
+        },
         **report,
         "notes": notes,
         "wall_s": round(time.perf_counter() - start, 1),

@@ -23,9 +23,19 @@ HOG = "while True: pass"
 
 def run(epochs: int, adapt: bool) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as out:
-        cmd = [sys.executable, "-m", "contrastive.train", f"trainer.max_epochs={epochs}",
-               "trainer.enable_progress_bar=false", "eval.final=false", "eval.init=false", "eval.pixels=false",
-               "diagnostics=false", f"perf.adapt_threads={str(adapt).lower()}", f"hydra.run.dir={out}"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "contrastive.train",
+            f"trainer.max_epochs={epochs}",
+            "trainer.enable_progress_bar=false",
+            "eval.final=false",
+            "eval.init=false",
+            "eval.pixels=false",
+            "diagnostics=false",
+            f"perf.adapt_threads={str(adapt).lower()}",
+            f"hydra.run.dir={out}",
+        ]
         start, cpu0 = time.perf_counter(), os.times()
         subprocess.run(cmd, cwd=REPO, check=True, capture_output=True)
         cpu1 = os.times()
@@ -39,8 +49,10 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--hogs", type=int, default=1, help="busy-loop processes started beside the loaded runs")
     args = parser.parse_args()
-    print(f"{os.cpu_count()} CPUs, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, "
-          f"{args.epochs} epochs of the default SimCLR run")
+    print(
+        f"{os.cpu_count()} CPUs, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, "
+        f"{args.epochs} epochs of the default SimCLR run"
+    )
     results = {}
     for adapt in (False, True):
         results[("quiet", adapt)] = run(args.epochs, adapt)
@@ -54,11 +66,15 @@ def main() -> int:
     print("|---|---|---|---|")
     for adapt, name in ((False, "fixed (perf.adapt_threads=false)"), (True, "governed (default)")):
         quiet, loaded = results[("quiet", adapt)], results[("loaded", adapt)]
-        print(f"| {name} | {quiet['train_s']:.1f} ({quiet['cpu_s']:.0f}) | {loaded['train_s']:.1f} "
-              f"({loaded['cpu_s']:.0f}) | {loaded['train_s'] / quiet['train_s']:.2f}x |")
+        print(
+            f"| {name} | {quiet['train_s']:.1f} ({quiet['cpu_s']:.0f}) | {loaded['train_s']:.1f} "
+            f"({loaded['cpu_s']:.0f}) | {loaded['train_s'] / quiet['train_s']:.2f}x |"
+        )
     base = results[("quiet", False)]["train_s"]
-    print(f"governed beside the loop / fixed quiet: {results[('loaded', True)]['train_s'] / base:.2f}x; "
-          f"governed quiet / fixed quiet: {results[('quiet', True)]['train_s'] / base:.2f}x")
+    print(
+        f"governed beside the loop / fixed quiet: {results[('loaded', True)]['train_s'] / base:.2f}x; "
+        f"governed quiet / fixed quiet: {results[('quiet', True)]['train_s'] / base:.2f}x"
+    )
     return 0
 
 

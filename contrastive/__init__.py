@@ -13,8 +13,9 @@ def _checkout_configs() -> None:
     conf = here.parent / "conf"
     if (here / "conf").is_dir() or not (conf / "__init__.py").is_file() or f"{__name__}.conf" in sys.modules:
         return
-    spec = importlib.util.spec_from_file_location(f"{__name__}.conf", conf / "__init__.py",
-                                                  submodule_search_locations=[str(conf)])
+    spec = importlib.util.spec_from_file_location(
+        f"{__name__}.conf", conf / "__init__.py", submodule_search_locations=[str(conf)]
+    )
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)

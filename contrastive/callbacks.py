@@ -53,8 +53,11 @@ class History(Callback):
         # runs after this epoch's validation (the module has logged its kNN accuracy and diagnostics) and after
         # the epoch's training metrics were reduced; older validation values stay out of the record
         validated = self._validated_epoch == trainer.current_epoch
-        record: dict[str, float] = {"epoch": trainer.current_epoch, "step": trainer.global_step,
-                                    "wall_s": round(time.perf_counter() - self._start, 2)}
+        record: dict[str, float] = {
+            "epoch": trainer.current_epoch,
+            "step": trainer.global_step,
+            "wall_s": round(time.perf_counter() - self._start, 2),
+        }
         for key, value in sorted(trainer.callback_metrics.items(), key=lambda kv: not kv[0].endswith("_epoch")):
             if key.endswith("_step") or (not validated and key.split("/", 1)[0] in ("val", "diag")):
                 continue
@@ -195,8 +198,12 @@ def rng_state() -> dict[str, Any]:
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": {"key": torch.from_numpy(mt["key"].astype(np.int64)), "pos": int(mt["pos"]),
-                  "has_gauss": int(np_state["has_gauss"]), "gauss": float(np_state["gauss"])},
+        "numpy": {
+            "key": torch.from_numpy(mt["key"].astype(np.int64)),
+            "pos": int(mt["pos"]),
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
+        },
         "python": random.getstate(),
     }
 
@@ -230,8 +237,12 @@ class RNGState(Callback):
         distributed = tdist.is_available() and tdist.is_initialized()
         rank, world = (tdist.get_rank(), tdist.get_world_size()) if distributed else (0, 1)
         if len(states) != world:
-            log.warning("resuming with %d processes from a checkpoint of %d: the random streams cannot continue "
-                        "as in an uninterrupted run", world, len(states))
+            log.warning(
+                "resuming with %d processes from a checkpoint of %d: the random streams cannot continue "
+                "as in an uninterrupted run",
+                world,
+                len(states),
+            )
         set_rng_state(states[rank % len(states)])
 
 
@@ -252,7 +263,9 @@ class ResumeSettings(Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.ckpt_path:
             return
-        groups = [[{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] for opt in trainer.optimizers]
+        groups = [
+            [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] for opt in trainer.optimizers
+        ]
         self._fresh = groups, [list(c.scheduler.base_lrs) for c in trainer.lr_scheduler_configs]
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -289,8 +302,9 @@ class DivergenceGuard(Callback):
 
     NONE = torch.iinfo(torch.int64).max
 
-    def __init__(self, check_every: int = 50, folder: str | Path | None = None,
-                 resumed_from: str | None = None) -> None:
+    def __init__(
+        self, check_every: int = 50, folder: str | Path | None = None, resumed_from: str | None = None
+    ) -> None:
         self.check_every = max(int(check_every), 1)
         self.folder = Path(folder) if folder is not None else None
         self.resumed_from = resumed_from
@@ -302,8 +316,11 @@ class DivergenceGuard(Callback):
     def on_fit_start(self, trainer, pl_module) -> None:
         # buffers that start all-NaN mark a value not yet set (the NCE normaliser before its first batch); such a
         # buffer still all-NaN is not a diverged one
-        self._unset = {name for name, t in pl_module.named_buffers()
-                       if t.is_floating_point() and t.numel() > 0 and bool(torch.isnan(t).all())}
+        self._unset = {
+            name
+            for name, t in pl_module.named_buffers()
+            if t.is_floating_point() and t.numel() > 0 and bool(torch.isnan(t).all())
+        }
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._step = trainer.global_step
@@ -328,19 +345,31 @@ class DivergenceGuard(Callback):
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
         self._check(trainer, pl_module)
-        bad = [name for name, t in pl_module.state_dict().items()
-               if t.is_floating_point() and not bool(torch.isfinite(t).all())
-               and not (name in self._unset and bool(torch.isnan(t).all()))]
+        bad = [
+            name
+            for name, t in pl_module.state_dict().items()
+            if t.is_floating_point()
+            and not bool(torch.isfinite(t).all())
+            and not (name in self._unset and bool(torch.isnan(t).all()))
+        ]
         flag = torch.tensor(float(bool(bad)), device=pl_module.device)
         if float(trainer.strategy.reduce(flag, reduce_op="max")) > 0:
             shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "") or "on another process"
-            raise TrainingDiverged(self.message(
-                trainer, pl_module, trainer.global_step,
-                what=f"model tensors are not finite ({shown}) at the end of epoch {trainer.current_epoch}"))
+            raise TrainingDiverged(
+                self.message(
+                    trainer,
+                    pl_module,
+                    trainer.global_step,
+                    what=f"model tensors are not finite ({shown}) at the end of epoch {trainer.current_epoch}",
+                )
+            )
         std = trainer.callback_metrics.get("diag/embedding_std")
         collapsed = std is not None and embeddings_collapsed(float(std), pl_module)
-        self.saved = {"epoch": trainer.current_epoch, "step": trainer.global_step,
-                      "collapsed_std": float(std) if collapsed else None}
+        self.saved = {
+            "epoch": trainer.current_epoch,
+            "step": trainer.global_step,
+            "collapsed_std": float(std) if collapsed else None,
+        }
 
     def _check(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._first_bad is None:
@@ -357,26 +386,37 @@ class DivergenceGuard(Callback):
             where = f"{path} (end of epoch {self.saved['epoch']}, step {self.saved['step']})"
             if self.saved["collapsed_std"] is None:
                 return f"the last good checkpoint {where} was kept"
-            return (f"the last checkpoint {where} was kept, but it is no good one to resume from: its embeddings had "
-                    f"collapsed (diag/embedding_std={self.saved['collapsed_std']:.2e})")
+            return (
+                f"the last checkpoint {where} was kept, but it is no good one to resume from: its embeddings had "
+                f"collapsed (diag/embedding_std={self.saved['collapsed_std']:.2e})"
+            )
         where = f" in {self.folder}" if self.folder else ""
         if self.resumed_from:
-            return (f"no checkpoint had been written in {self.folder} yet; this run resumed from {self.resumed_from}, "
-                    "which is unchanged")
+            return (
+                f"no checkpoint had been written in {self.folder} yet; this run resumed from {self.resumed_from}, "
+                "which is unchanged"
+            )
         return f"no checkpoint had been written{where} yet"
 
     def message(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int, what: str = "") -> str:
         cfg = pl_module.cfg
         kept = self.kept()
-        causes = [(f"a learning rate too high (optim.lr={cfg.optim.lr}; try it 10x lower, or a longer "
-                   f"optim.warmup_epochs than {cfg.optim.warmup_epochs})"),
-                  f"a temperature too low (method.temperature={cfg.method.temperature})"]
+        causes = [
+            (
+                f"a learning rate too high (optim.lr={cfg.optim.lr}; try it 10x lower, or a longer "
+                f"optim.warmup_epochs than {cfg.optim.warmup_epochs})"
+            ),
+            f"a temperature too low (method.temperature={cfg.method.temperature})",
+        ]
         if str(trainer.precision) not in ("32-true", "64-true"):
-            causes.append(f"reduced precision overflowing (trainer.precision={trainer.precision}; try bf16-mixed "
-                          "or 32-true)")
+            causes.append(
+                f"reduced precision overflowing (trainer.precision={trainer.precision}; try bf16-mixed or 32-true)"
+            )
         what = what or f"the loss became NaN or infinite at step {step} (epoch {trainer.current_epoch})"
-        return (f"training diverged: {what}; stopped without saving the diverged model ({kept}). Likely causes: "
-                f"{', '.join(causes[:-1])} or {causes[-1]}.")
+        return (
+            f"training diverged: {what}; stopped without saving the diverged model ({kept}). Likely causes: "
+            f"{', '.join(causes[:-1])} or {causes[-1]}."
+        )
 
 
 # -- collapse -------------------------------------------------------------------------------------------------------
@@ -430,14 +470,19 @@ class CollapseWatch(Callback):
             spread = embedding_spread(pl_module)
             self._low_std = self._low_std + 1 if embeddings_collapsed(float(std), pl_module, self.std_ratio) else 0
             if self._low_std >= self.patience:
-                self._warn(trainer, "collapse", (
-                    f"the embeddings look collapsed: for {self._low_std} epochs the per-dimension std of the "
-                    f"normalised embeddings (diag/embedding_std={float(std):.2e}) stayed below {self.std_ratio:g} of "
-                    f"the spread of embeddings covering the sphere ({spread:.3f}), so all images map to nearly one "
-                    "point. Likely causes: a learning rate too high (optim.lr), a temperature too high "
-                    "(method.temperature), too few or too easy negatives (data.batch_size, method.queue_size), "
-                    "augmentations too weak to make the task hard (augment.*), or a projector that ignores its "
-                    "input."))
+                self._warn(
+                    trainer,
+                    "collapse",
+                    (
+                        f"the embeddings look collapsed: for {self._low_std} epochs the per-dimension std of the "
+                        f"normalised embeddings (diag/embedding_std={float(std):.2e}) stayed below "
+                        f"{self.std_ratio:g} of the spread of embeddings covering the sphere ({spread:.3f}), so all "
+                        "images map to nearly one point. Likely causes: a learning rate too high (optim.lr), a "
+                        "temperature too high (method.temperature), too few or too easy negatives (data.batch_size, "
+                        "method.queue_size), augmentations too weak to make the task hard (augment.*), or a projector "
+                        "that ignores its input."
+                    ),
+                )
         signs = getattr(pl_module, "collapse_signs", None)
         sign = signs() if callable(signs) else None
         self._method_signs = self._method_signs + 1 if sign else 0
@@ -452,11 +497,16 @@ class CollapseWatch(Callback):
             self._flat = self._flat + 1 if flat else 0
         self._last_loss = loss
         if self._flat >= self.patience - 1:
-            self._warn(trainer, "stall", (
-                f"the training loss has not moved for {self._flat + 1} epochs (train/loss={loss:.6f}): the encoder "
-                "no longer learns. Likely causes: a learning rate of (nearly) zero (optim.lr, optim.scheduler, "
-                "optim.min_lr_ratio), parameters that receive no gradient (frozen or detached), or collapsed "
-                "embeddings (a constant output gives a constant loss)."))
+            self._warn(
+                trainer,
+                "stall",
+                (
+                    f"the training loss has not moved for {self._flat + 1} epochs (train/loss={loss:.6f}): the encoder "
+                    "no longer learns. Likely causes: a learning rate of (nearly) zero (optim.lr, optim.scheduler, "
+                    "optim.min_lr_ratio), parameters that receive no gradient (frozen or detached), or collapsed "
+                    "embeddings (a constant output gives a constant loss)."
+                ),
+            )
 
     def _warn(self, trainer: L.Trainer, kind: str, message: str) -> None:
         if kind in self.warned:
@@ -467,5 +517,3 @@ class CollapseWatch(Callback):
 
 
 # -- checkpoints on disk: what they hold, which one to resume -----------------------------------------------------
-
-

@@ -31,8 +31,15 @@ def last_checkpoint(dirpath: str | Path) -> ModelCheckpoint:
     At every training epoch's end, validated or not (Lightning's default saves after validation only when it does
     not run every epoch), and always to ``last.ckpt``: a ``last.ckpt`` the callback did not write itself (a copied
     folder, an unreadable file skipped by ``resume=auto``) is replaced, never kept beside a ``last-v1.ckpt``."""
-    return ModelCheckpoint(dirpath=dirpath, filename="last", monitor=None, save_top_k=1, every_n_epochs=1,
-                           save_on_train_epoch_end=True, enable_version_counter=False)
+    return ModelCheckpoint(
+        dirpath=dirpath,
+        filename="last",
+        monitor=None,
+        save_top_k=1,
+        every_n_epochs=1,
+        save_on_train_epoch_end=True,
+        enable_version_counter=False,
+    )
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -82,8 +89,10 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # torch.load raises many kinds of error for a damaged file
-        raise ValueError(f"{path} cannot be read as a checkpoint ({type(err).__name__}: {err}); it is truncated, "
-                         "damaged or not a checkpoint") from err
+        raise ValueError(
+            f"{path} cannot be read as a checkpoint ({type(err).__name__}: {err}); it is truncated, "
+            "damaged or not a checkpoint"
+        ) from err
 
 
 def read_run_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -111,8 +120,10 @@ def verify_checksums(path: str | Path) -> None:
     except (OSError, zlib.error) as err:
         raise ValueError(f"{path} cannot be read as a checkpoint ({err}); it is truncated or damaged") from err
     if bad is not None:
-        raise ValueError(f"{path} is damaged: the stored checksum of its entry {bad} does not match its bytes "
-                         "(a corrupted copy or disk); use another checkpoint")
+        raise ValueError(
+            f"{path} is damaged: the stored checksum of its entry {bad} does not match its bytes "
+            "(a corrupted copy or disk); use another checkpoint"
+        )
 
 
 def checkpoint_method(checkpoint: dict[str, Any]) -> str | None:
@@ -161,8 +172,10 @@ def check_run_folder(out: Path, ckpt_path: str | None, auto: bool = False) -> No
     own = ckpt_path is not None and Path(ckpt_path).resolve().parent == (out / "checkpoints").resolve()
     if held and not own:
         found = ", ".join(str(p.relative_to(out)) for p in held[:3])
-        raise ConfigError(f"the run folder {out} already holds a run ({found}): continue it with resume=auto, or "
-                          "start this one in a new folder (hydra.run.dir=... or output_dir=...)")
+        raise ConfigError(
+            f"the run folder {out} already holds a run ({found}): continue it with resume=auto, or "
+            "start this one in a new folder (hydra.run.dir=... or output_dir=...)"
+        )
 
 
 def prepare_checkpoint_folder(folder: Path) -> None:
@@ -177,8 +190,10 @@ def prepare_checkpoint_folder(folder: Path) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as err:
-        raise ConfigError(f"cannot write checkpoints into {folder} ({err.strerror or err}): choose a writable run "
-                          "folder with a shorter path (hydra.run.dir=... or output_dir=...)") from None
+        raise ConfigError(
+            f"cannot write checkpoints into {folder} ({err.strerror or err}): choose a writable run "
+            "folder with a shorter path (hydra.run.dir=... or output_dir=...)"
+        ) from None
 
 
 def check_compatible(model: L.LightningModule, ckpt_path: str) -> dict[str, Any]:
@@ -188,12 +203,17 @@ def check_compatible(model: L.LightningModule, ckpt_path: str) -> dict[str, Any]
     saved = checkpoint["state_dict"]
     own = model.state_dict()
     problems = [f"{k} missing" for k in own if k not in saved] + [f"{k} unexpected" for k in saved if k not in own]
-    problems += [f"{k} has shape {list(saved[k].shape)}, this config gives {list(v.shape)}"
-                 for k, v in own.items() if k in saved and saved[k].shape != v.shape]
+    problems += [
+        f"{k} has shape {list(saved[k].shape)}, this config gives {list(v.shape)}"
+        for k, v in own.items()
+        if k in saved and saved[k].shape != v.shape
+    ]
     if problems:
         shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
-        raise ConfigError(f"ckpt_path={ckpt_path!r} does not fit this config's model ({shown}): resume with the "
-                          "config it was trained with (its run folder's config.yaml)")
+        raise ConfigError(
+            f"ckpt_path={ckpt_path!r} does not fit this config's model ({shown}): resume with the "
+            "config it was trained with (its run folder's config.yaml)"
+        )
     return checkpoint
 
 

@@ -37,10 +37,10 @@ class DataConfig:
     size: int = 2048
     subset: Optional[str] = None
     load_size: int = 0
-    crops: str = "stored"           # full (imagefolder): training crops cut from each whole image (contrastive.data.crops)
-    eval_crop: float = 1.0          # central fraction of each side kept for evaluation (0.875: Resize 256 + Crop 224)
-    file: Optional[str] = None      # npz only: the archive, relative to data.root unless absolute
-    on_device: bool = False         # in-memory sets: the training split on the device, no DataLoader (datamodule.py)
+    crops: str = "stored"  # full (imagefolder): training crops cut from each whole image (contrastive.data.crops)
+    eval_crop: float = 1.0  # central fraction of each side kept for evaluation (0.875: Resize 256 + Crop 224)
+    file: Optional[str] = None  # npz only: the archive, relative to data.root unless absolute
+    on_device: bool = False  # in-memory sets: the training split on the device, no DataLoader (datamodule.py)
 
 
 @dataclass
@@ -56,7 +56,7 @@ class JitterConfig:
     contrast: float = 0.4
     saturation: float = 0.4
     hue: float = 0.1
-    random_order: bool = False      # the four ops in an order drawn per image (torchvision, SimCLR)
+    random_order: bool = False  # the four ops in an order drawn per image (torchvision, SimCLR)
 
 
 @dataclass
@@ -80,7 +80,7 @@ class AugmentConfig:
     translate: float = 0.0
     color_jitter: JitterConfig = field(default_factory=JitterConfig)
     grayscale: float = 0.2
-    grayscale_first: bool = False   # grey before the jitter (InstDisc, MoCo v1) instead of after (SimCLR, MoCo v2)
+    grayscale_first: bool = False  # grey before the jitter (InstDisc, MoCo v1) instead of after (SimCLR, MoCo v2)
     blur: BlurConfig = field(default_factory=BlurConfig)
     solarize: float = 0.0
     noise: float = 0.0
@@ -93,8 +93,8 @@ class BackboneConfig:
     small_images: bool = True
     width: int = 32
     depth: int = 4
-    pool_size: int = 1      # small_cnn: side of the pooled map (1: global average)
-    fc_dim: int = 0         # small_cnn: >0 adds a fully connected layer (LeNet-style) after the pooling
+    pool_size: int = 1  # small_cnn: side of the pooled map (1: global average)
+    fc_dim: int = 0  # small_cnn: >0 adds a fully connected layer (LeNet-style) after the pooling
     sync_batchnorm: bool = False
 
 
@@ -109,8 +109,8 @@ class MethodConfig:
     proj_hidden_dim: int = 512
     proj_out_dim: int = 128
     proj_layers: int = 2
-    proj_batch_norm: bool = True    # BN after each hidden layer of the head (MoCo v2's official head has none)
-    proj_final_bn: bool = False     # BN (scale, no offset) after the last layer, as SimCLR's official head
+    proj_batch_norm: bool = True  # BN after each hidden layer of the head (MoCo v2's official head has none)
+    proj_final_bn: bool = False  # BN (scale, no offset) after the last layer, as SimCLR's official head
     probe_size: int = 256
 
 
@@ -131,8 +131,8 @@ class InstanceConfig(MethodConfig):
     num_negatives: Optional[int] = None
     bank_momentum: float = 0.5
     bank_init: str = "encoder"
-    nce_z: str = "random_start"     # loss=nce: Z against the paper's random bank (random_start) or the bank (first_batch)
-    joint_views: bool = False       # both views through the encoder in one batch (BN over 2N), as SimCLR's code
+    nce_z: str = "random_start"  # loss=nce: Z against the paper's random bank (random_start) or the bank (first_batch)
+    joint_views: bool = False  # both views through the encoder in one batch (BN over 2N), as SimCLR's code
 
 
 @dataclass
@@ -152,14 +152,14 @@ class OptimConfig:
     weight_decay: float = 5e-4
     momentum: float = 0.9
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
-    lars_eta: float = 0.001         # trust coefficient (SimCLR, SwAV); solo-learn's 0.02 goes with lars_clip
-    lars_variant: str = "simclr"    # simclr (SimCLR's LARS) or larc (apex LARC around SGD, as SwAV)
-    lars_clip: bool = False         # LARC's clipping: the layer's rate is min(trust ratio, lr)
+    lars_eta: float = 0.001  # trust coefficient (SimCLR, SwAV); solo-learn's 0.02 goes with lars_clip
+    lars_variant: str = "simclr"  # simclr (SimCLR's LARS) or larc (apex LARC around SGD, as SwAV)
+    lars_clip: bool = False  # LARC's clipping: the layer's rate is min(trust ratio, lr)
     scale_lr: bool = True
     exclude_norm_bias: bool = True
     warmup_epochs: float = 1.0
     scheduler: str = "cosine"
-    milestones: List[float] = field(default_factory=list)   # scheduler=step: epochs where the rate drops
+    milestones: List[float] = field(default_factory=list)  # scheduler=step: epochs where the rate drops
     step_gamma: float = 0.1
     min_lr_ratio: float = 0.0
     probe_lr: float = 0.1
@@ -203,12 +203,12 @@ class EvalConfig:
     final: bool = True
     init: bool = True
     pixels: bool = True
-    stages: bool = False   # probe every encoder stage at the end (kNN, few-shot linear): later stages serve better?
+    stages: bool = False  # probe every encoder stage at the end (kNN, few-shot linear): later stages serve better?
 
 
 @dataclass
 class PerfConfig:
-    threads: Optional[int] = None   # CPU threads for torch (null: torch's default, one per core)
+    threads: Optional[int] = None  # CPU threads for torch (null: torch's default, one per core)
     # null threads on a CPU: give a core back to other processes while they keep it busy (see ThreadGovernor)
     adapt_threads: bool = True
     channels_last: bool = False
@@ -251,8 +251,20 @@ def register_configs() -> None:
 
 LOGGERS = ("csv", "tensorboard", "wandb", "none")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
-PRECISIONS = ("32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true", "transformer-engine",
-              "transformer-engine-float16", "32", "16", "bf16", "64")
+PRECISIONS = (
+    "32-true",
+    "16-mixed",
+    "bf16-mixed",
+    "16-true",
+    "bf16-true",
+    "64-true",
+    "transformer-engine",
+    "transformer-engine-float16",
+    "32",
+    "16",
+    "bf16",
+    "64",
+)
 
 
 def _require(condition: bool, message: str) -> None:
@@ -271,46 +283,75 @@ def validate(cfg: Any, world_size: int = 1) -> None:
 
     m = cfg.method
     _require(m.name in METHODS, f"method.name={m.name!r} is not known; choose one of {', '.join(sorted(METHODS))}")
-    _require(cfg.backbone.name in BACKBONES, f"backbone.name={cfg.backbone.name!r} is not known; choose one of {', '.join(BACKBONES)}")
+    _require(
+        cfg.backbone.name in BACKBONES,
+        f"backbone.name={cfg.backbone.name!r} is not known; choose one of {', '.join(BACKBONES)}",
+    )
     b = cfg.backbone
     _require(b.pool_size >= 1, f"backbone.pool_size={b.pool_size} must be >= 1")
     _require(b.fc_dim >= 0, f"backbone.fc_dim={b.fc_dim} must be >= 0 (0: no fully connected layer)")
-    _require(b.name == "small_cnn" or (b.pool_size, b.fc_dim) == (1, 0),
-             f"backbone.pool_size and backbone.fc_dim apply to small_cnn only, not backbone.name={b.name!r}")
+    _require(
+        b.name == "small_cnn" or (b.pool_size, b.fc_dim) == (1, 0),
+        f"backbone.pool_size and backbone.fc_dim apply to small_cnn only, not backbone.name={b.name!r}",
+    )
     _require(cfg.data.name in LOADERS, f"data.name={cfg.data.name!r} is not known; choose one of {', '.join(LOADERS)}")
-    _require(cfg.optim.name in OPTIMIZERS, f"optim.name={cfg.optim.name!r} is not known; choose one of {', '.join(OPTIMIZERS)}")
-    _require(cfg.optim.scheduler in SCHEDULES,
-             f"optim.scheduler={cfg.optim.scheduler!r} is not known; choose one of {', '.join(SCHEDULES)}")
-    _require(cfg.optim.scheduler != "step" or len(cfg.optim.milestones) > 0,
-             "optim.scheduler=step needs optim.milestones (the epochs at which the rate drops), e.g. [120, 160]")
-    _require(cfg.optim.lars_variant in LARS_VARIANTS,
-             f"optim.lars_variant={cfg.optim.lars_variant!r} is not known; choose one of {', '.join(LARS_VARIANTS)}")
-    _require(cfg.logger.name in LOGGERS, f"logger.name={cfg.logger.name!r} is not known; choose one of {', '.join(LOGGERS)}")
-    _require(str(cfg.trainer.precision) in PRECISIONS,
-             f"trainer.precision={cfg.trainer.precision!r} is not known; choose one of {', '.join(PRECISIONS[:6])}")
-    _require(cfg.resume in (None, "auto"), f"resume={cfg.resume!r}: choose auto or null (use ckpt_path=<file> for a given checkpoint)")
+    _require(
+        cfg.optim.name in OPTIMIZERS,
+        f"optim.name={cfg.optim.name!r} is not known; choose one of {', '.join(OPTIMIZERS)}",
+    )
+    _require(
+        cfg.optim.scheduler in SCHEDULES,
+        f"optim.scheduler={cfg.optim.scheduler!r} is not known; choose one of {', '.join(SCHEDULES)}",
+    )
+    _require(
+        cfg.optim.scheduler != "step" or len(cfg.optim.milestones) > 0,
+        "optim.scheduler=step needs optim.milestones (the epochs at which the rate drops), e.g. [120, 160]",
+    )
+    _require(
+        cfg.optim.lars_variant in LARS_VARIANTS,
+        f"optim.lars_variant={cfg.optim.lars_variant!r} is not known; choose one of {', '.join(LARS_VARIANTS)}",
+    )
+    _require(
+        cfg.logger.name in LOGGERS, f"logger.name={cfg.logger.name!r} is not known; choose one of {', '.join(LOGGERS)}"
+    )
+    _require(
+        str(cfg.trainer.precision) in PRECISIONS,
+        f"trainer.precision={cfg.trainer.precision!r} is not known; choose one of {', '.join(PRECISIONS[:6])}",
+    )
+    _require(
+        cfg.resume in (None, "auto"),
+        f"resume={cfg.resume!r}: choose auto or null (use ckpt_path=<file> for a given checkpoint)",
+    )
     for key, value in (("method.temperature", m.temperature), ("optim.lr", cfg.optim.lr)):
         _require(value > 0, f"{key}={value} must be > 0")
     _require(cfg.data.batch_size > 0, f"data.batch_size={cfg.data.batch_size} must be > 0")
     threads = cfg.perf.threads
     _require(threads is None or threads >= 1, f"perf.threads={threads} must be >= 1 (null: one per core)")
     in_batch = m.get("negatives") == "batch"
-    _require(cfg.data.batch_size >= 2,
-             f"data.batch_size={cfg.data.batch_size} must be >= 2: batch norm needs two samples per process"
-             + (", and in-batch negatives (method.negatives=batch) need other samples in the batch" if in_batch else ""))
-    _require(cfg.trainer.max_epochs > 0 or cfg.trainer.max_steps > 0,
-             f"trainer.max_epochs={cfg.trainer.max_epochs} must be > 0 (or set trainer.max_steps > 0)")
+    _require(
+        cfg.data.batch_size >= 2,
+        f"data.batch_size={cfg.data.batch_size} must be >= 2: batch norm needs two samples per process"
+        + (", and in-batch negatives (method.negatives=batch) need other samples in the batch" if in_batch else ""),
+    )
+    _require(
+        cfg.trainer.max_epochs > 0 or cfg.trainer.max_steps > 0,
+        f"trainer.max_epochs={cfg.trainer.max_epochs} must be > 0 (or set trainer.max_steps > 0)",
+    )
     _require(m.num_views >= 1, f"method.num_views={m.num_views} must be >= 1")
     _check_at_least(cfg)
     validate_eval(cfg.eval)
     _check_known_keys(cfg)
     _check_crops(cfg)
     _require(cfg.data.crops in CROP_SOURCES, f"data.crops={cfg.data.crops!r}; choose one of {', '.join(CROP_SOURCES)}")
-    _require(cfg.data.crops == "stored" or cfg.data.name == "imagefolder",
-             f"data.crops=full cuts views from image files at their own resolution: only data=imagefolder has them, "
-             f"not data.name={cfg.data.name!r}; use data.crops=stored")
-    _require(0 < cfg.data.eval_crop <= 1,
-             f"data.eval_crop={cfg.data.eval_crop} must be in (0, 1] (the central fraction of each side kept)")
+    _require(
+        cfg.data.crops == "stored" or cfg.data.name == "imagefolder",
+        f"data.crops=full cuts views from image files at their own resolution: only data=imagefolder has them, "
+        f"not data.name={cfg.data.name!r}; use data.crops=stored",
+    )
+    _require(
+        0 < cfg.data.eval_crop <= 1,
+        f"data.eval_crop={cfg.data.eval_crop} must be in (0, 1] (the central fraction of each side kept)",
+    )
     _check_devices(cfg.trainer)
     # the method's own rules, and those of its key encoder and source of negatives, live with them
     METHODS[m.name].check_config(cfg, world_size)
@@ -322,9 +363,11 @@ def validate_with_data(cfg: Any, num_train: int, world_size: int = 1) -> None:
     """Checks that need the training set's size."""
     m = cfg.method
     global_batch = cfg.data.batch_size * world_size
-    _require(num_train >= global_batch,
-             f"data.batch_size={cfg.data.batch_size}: the global batch ({global_batch}) is larger than the training set "
-             f"({num_train} images) and drop_last would leave no batch")
+    _require(
+        num_train >= global_batch,
+        f"data.batch_size={cfg.data.batch_size}: the global batch ({global_batch}) is larger than the training set "
+        f"({num_train} images) and drop_last would leave no batch",
+    )
     from contrastive.methods import METHODS
 
     METHODS[m.name].check_with_data(cfg, num_train, world_size)
@@ -334,12 +377,17 @@ def _check_crops(cfg: Any) -> None:
     """Crops are resized to their size: larger than the image would only upsample, and multi-crop's small views are
     the local ones."""
     large, image = cfg.augment.large.size, cfg.data.image_size
-    _require(large <= image, f"augment.large.size={large} is larger than data.image_size={image}; "
-             f"choose augment.large.size <= {image}")
+    _require(
+        large <= image,
+        f"augment.large.size={large} is larger than data.image_size={image}; choose augment.large.size <= {image}",
+    )
     if cfg.method.num_small_views > 0:
         small = cfg.augment.small.size
-        _require(small < large, f"augment.small.size={small} must be smaller than augment.large.size={large} "
-                 f"(method.num_small_views={cfg.method.num_small_views} small crops are the local views)")
+        _require(
+            small < large,
+            f"augment.small.size={small} must be smaller than augment.large.size={large} "
+            f"(method.num_small_views={cfg.method.num_small_views} small crops are the local views)",
+        )
 
 
 def requested_devices(devices: Any) -> int | list[int] | None:
@@ -360,8 +408,10 @@ def _check_devices(trainer: Any) -> None:
     """The accelerator exists on this machine and has as many devices as asked for (Lightning would fail later,
     with a traceback)."""
     accelerator = str(trainer.accelerator)
-    _require(accelerator in ACCELERATORS,
-             f"trainer.accelerator={accelerator!r} is not known; choose one of {', '.join(ACCELERATORS)}")
+    _require(
+        accelerator in ACCELERATORS,
+        f"trainer.accelerator={accelerator!r} is not known; choose one of {', '.join(ACCELERATORS)}",
+    )
     try:
         requested = requested_devices(trainer.devices)
     except (TypeError, ValueError):
@@ -369,20 +419,28 @@ def _check_devices(trainer: Any) -> None:
     import torch  # here, not at the top: `--help` and the config checks answer without loading torch
 
     if accelerator in ("gpu", "cuda"):
-        _require(torch.cuda.is_available(), f"trainer.accelerator={accelerator} but no CUDA GPU is available here; "
-                 "use trainer.accelerator=cpu (or auto)")
+        _require(
+            torch.cuda.is_available(),
+            f"trainer.accelerator={accelerator} but no CUDA GPU is available here; "
+            "use trainer.accelerator=cpu (or auto)",
+        )
     if accelerator not in ("auto", "cpu", "gpu", "cuda") or requested is None:
         return
     gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
     available, kind = (torch.cuda.device_count(), "GPUs") if gpu else (os.cpu_count() or 1, "CPU cores")
     if isinstance(requested, int):
         _require(requested >= 1, f"trainer.devices={trainer.devices} must be >= 1, -1 (all) or auto")
-        _require(requested <= available, f"trainer.devices={trainer.devices} but this machine has {available} {kind} "
-                 f"(trainer.accelerator={accelerator}); choose trainer.devices <= {available}")
+        _require(
+            requested <= available,
+            f"trainer.devices={trainer.devices} but this machine has {available} {kind} "
+            f"(trainer.accelerator={accelerator}); choose trainer.devices <= {available}",
+        )
     else:
-        _require(bool(requested) and all(0 <= d < available for d in requested),
-                 f"trainer.devices={trainer.devices}: device indices must be in 0..{available - 1} "
-                 f"(this machine has {available} {kind})")
+        _require(
+            bool(requested) and all(0 <= d < available for d in requested),
+            f"trainer.devices={trainer.devices}: device indices must be in 0..{available - 1} "
+            f"(this machine has {available} {kind})",
+        )
 
 
 # keys a resumed run cannot honour: another optimiser (or other parameter groups) cannot take the saved optimiser
@@ -399,28 +457,38 @@ def check_resume(cfg: Any, path: str) -> None:
 
     file = Path(path).expanduser()
     where = f"ckpt_path={path!r}" + ("" if file.is_absolute() else f" ({file.resolve()})")
-    _require(file.is_file(), f"{where} does not exist; give the path of a .ckpt file (e.g. <run>/checkpoints/last.ckpt)"
-             " or resume=auto")
+    _require(
+        file.is_file(),
+        f"{where} does not exist; give the path of a .ckpt file (e.g. <run>/checkpoints/last.ckpt) or resume=auto",
+    )
     try:
         checkpoint = read_checkpoint(file)
     except ValueError as err:
         raise ConfigError(f"{where}: {err}") from None
     found, method = checkpoint_method(checkpoint), cfg.method.name
-    _require(found == method, f"{where} was trained with method.name={found!r}, not {method!r}: resume it with "
-             f"method={found}, or drop ckpt_path to start {method} afresh")
+    _require(
+        found == method,
+        f"{where} was trained with method.name={found!r}, not {method!r}: resume it with "
+        f"method={found}, or drop ckpt_path to start {method} afresh",
+    )
     saved = checkpoint.get("hyper_parameters", {}).get("cfg", {})
     optim = saved.get("optim", {}).get("name")
-    _require(optim in (None, cfg.optim.name),
-             f"optim.name={cfg.optim.name}: {where} was trained with optim.name={optim!r}, whose state cannot be "
-             f"loaded into another optimiser: resume it with optim={optim}, or drop ckpt_path to start afresh")
+    _require(
+        optim in (None, cfg.optim.name),
+        f"optim.name={cfg.optim.name}: {where} was trained with optim.name={optim!r}, whose state cannot be "
+        f"loaded into another optimiser: resume it with optim={optim}, or drop ckpt_path to start afresh",
+    )
     differ = []
     for key in NOT_APPLIED_ON_RESUME:
         before, now = _get(saved, key), _get(cfg, key)
         if before is not _ABSENT and before != now:
             differ.append(f"{key} (checkpoint {before}, now {now})")
-    _require(not differ, f"{where}: these keys differ from the checkpoint's config and cannot be applied on resume: "
-             f"{', '.join(differ)}; resume with the checkpoint's values (its run folder's config.yaml), or drop "
-             "ckpt_path to start afresh")
+    _require(
+        not differ,
+        f"{where}: these keys differ from the checkpoint's config and cannot be applied on resume: "
+        f"{', '.join(differ)}; resume with the checkpoint's values (its run folder's config.yaml), or drop "
+        "ckpt_path to start afresh",
+    )
 
 
 _ABSENT = object()
@@ -440,13 +508,19 @@ def _check_at_least(cfg: Any) -> None:
     """Counts and sizes that must be positive (or not negative): each would otherwise fail later, in a
     traceback from deep inside the model or the loader."""
     m, b = cfg.method, cfg.backbone
-    checks = [("method.proj_layers", m.proj_layers, 1), ("method.proj_hidden_dim", m.proj_hidden_dim, 1),
-              ("method.proj_out_dim", m.proj_out_dim, 1), ("method.probe_size", m.probe_size, 1),
-              ("method.num_small_views", m.num_small_views, 0), ("backbone.width", b.width, 1),
-              ("backbone.depth", b.depth, 1), ("data.num_workers", cfg.data.num_workers, 0),
-              ("trainer.log_every_n_steps", cfg.trainer.log_every_n_steps, 1),
-              ("trainer.check_val_every_n_epoch", cfg.trainer.check_val_every_n_epoch, 1),
-              ("trainer.accumulate_grad_batches", cfg.trainer.accumulate_grad_batches, 1)]
+    checks = [
+        ("method.proj_layers", m.proj_layers, 1),
+        ("method.proj_hidden_dim", m.proj_hidden_dim, 1),
+        ("method.proj_out_dim", m.proj_out_dim, 1),
+        ("method.probe_size", m.probe_size, 1),
+        ("method.num_small_views", m.num_small_views, 0),
+        ("backbone.width", b.width, 1),
+        ("backbone.depth", b.depth, 1),
+        ("data.num_workers", cfg.data.num_workers, 0),
+        ("trainer.log_every_n_steps", cfg.trainer.log_every_n_steps, 1),
+        ("trainer.check_val_every_n_epoch", cfg.trainer.check_val_every_n_epoch, 1),
+        ("trainer.accumulate_grad_batches", cfg.trainer.accumulate_grad_batches, 1),
+    ]
     for key, value, least in checks:
         _require(value >= least, f"{key}={value} must be >= {least}")
     o = cfg.optim

@@ -24,7 +24,9 @@ from contrastive.metrics import (
 
 
 @torch.no_grad()
-def extract_features(encoder: nn.Module | None, transform: nn.Module, loader, device: torch.device) -> tuple[Tensor, Tensor]:
+def extract_features(
+    encoder: nn.Module | None, transform: nn.Module, loader, device: torch.device
+) -> tuple[Tensor, Tensor]:
     """Features of every image of ``loader`` (eval transform, no augmentation); ``encoder=None``: raw pixels."""
     was_training = encoder.training if encoder is not None else False
     if encoder is not None:
@@ -40,8 +42,13 @@ def extract_features(encoder: nn.Module | None, transform: nn.Module, loader, de
 
 
 def evaluate_features(
-    train: tuple[Tensor, Tensor], val: tuple[Tensor, Tensor], num_classes: int, cfg: DictConfig,
-    prefix: str = "", full: bool = True, offline: bool = True,
+    train: tuple[Tensor, Tensor],
+    val: tuple[Tensor, Tensor],
+    num_classes: int,
+    cfg: DictConfig,
+    prefix: str = "",
+    full: bool = True,
+    offline: bool = True,
 ) -> dict[str, float]:
     """kNN with all labels and with ``cfg.shots`` labels per class (mean over ``cfg.fewshot_seeds`` seeds);
     with ``full``, also few-shot linear probes, and the offline linear probe unless ``offline`` is false."""
@@ -77,8 +84,11 @@ def evaluate_stages(backbone: nn.Module, transform: nn.Module, datamodule, cfg: 
     val_feats, yv = stage_features(backbone, transform, val_loader, device)
     out: dict = {"stages": list(train_feats)}
     for name, xt in train_feats.items():
-        out.update(evaluate_features((xt, yt), (val_feats[name], yv), datamodule.num_classes, cfg,
-                                     prefix=f"stage_{name}_", offline=False))
+        out.update(
+            evaluate_features(
+                (xt, yt), (val_feats[name], yv), datamodule.num_classes, cfg, prefix=f"stage_{name}_", offline=False
+            )
+        )
     return out
 
 
@@ -135,7 +145,9 @@ def _apply_overrides(cfg: DictConfig, overrides: dict) -> DictConfig:
 def main(argv: list[str] | None = None) -> int:
     args = OmegaConf.from_dotlist(sys.argv[1:] if argv is None else argv)
     if "ckpt" not in args:
-        print("usage: python -m contrastive.evaluate ckpt=PATH [eval.linear_epochs=N eval.knn_k=K ...]", file=sys.stderr)
+        print(
+            "usage: python -m contrastive.evaluate ckpt=PATH [eval.linear_epochs=N eval.knn_k=K ...]", file=sys.stderr
+        )
         return 2
     ckpt = args.pop("ckpt")
     try:

@@ -30,14 +30,17 @@ def backbone_spec(backbone_cfg: dict[str, Any], in_channels: int) -> dict[str, A
     name = backbone_cfg["name"]
     spec = {"backbone": dict(backbone_cfg), "in_channels": in_channels}
     if name == "small_cnn":
-        args = ", ".join(f"{k}={backbone_cfg.get(k, d)}" for k, d in
-                         (("width", 32), ("depth", 4), ("pool_size", 1), ("fc_dim", 0)))
+        args = ", ".join(
+            f"{k}={backbone_cfg.get(k, d)}" for k, d in (("width", 32), ("depth", 4), ("pool_size", 1), ("fc_dim", 0))
+        )
         spec["constructor"] = f"contrastive.models.SmallCNN(in_channels={in_channels}, {args})"
         return spec
     steps = [f"net = torchvision.models.{name}(weights=None)", "net.fc = torch.nn.Identity()"]
     if backbone_cfg.get("small_images", True):
-        steps += [f"net.conv1 = torch.nn.Conv2d({in_channels}, 64, 3, stride=1, padding=1, bias=False)",
-                  "net.maxpool = torch.nn.Identity()"]
+        steps += [
+            f"net.conv1 = torch.nn.Conv2d({in_channels}, 64, 3, stride=1, padding=1, bias=False)",
+            "net.maxpool = torch.nn.Identity()",
+        ]
     elif in_channels != 3:
         steps.append(f"net.conv1 = torch.nn.Conv2d({in_channels}, 64, 7, stride=2, padding=3, bias=False)")
     spec["constructor"] = "; ".join(steps)
@@ -71,10 +74,12 @@ def backbone_state(ckpt: str | Path, encoder: str = "query") -> tuple[dict[str, 
     except ValueError as err:
         raise ExportError(str(err)) from None
     prefix = PREFIXES[encoder]
-    weights = {k[len(prefix):]: v.clone() for k, v in state["state_dict"].items() if k.startswith(prefix)}
+    weights = {k[len(prefix) :]: v.clone() for k, v in state["state_dict"].items() if k.startswith(prefix)}
     if not weights:
-        raise ExportError(f"ckpt={str(path)!r} has no {encoder} encoder (method {cfg['method']['name']}): "
-                          "only methods with a momentum encoder have encoder=key")
+        raise ExportError(
+            f"ckpt={str(path)!r} has no {encoder} encoder (method {cfg['method']['name']}): "
+            "only methods with a momentum encoder have encoder=key"
+        )
     return weights, backbone_spec(cfg["backbone"], int(cfg["data"]["channels"]))
 
 
@@ -89,8 +94,9 @@ def export_backbone(ckpt: str | Path, out: str | Path | None = None, encoder: st
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_torch_save(weights, path)
     spec_path = path.with_name(path.name + ".json")
-    spec_path.write_text(json.dumps({**spec, "encoder": encoder, "checkpoint": str(Path(ckpt).resolve())},
-                                    indent=2) + "\n")
+    spec_path.write_text(
+        json.dumps({**spec, "encoder": encoder, "checkpoint": str(Path(ckpt).resolve())}, indent=2) + "\n"
+    )
     return path
 
 
@@ -104,8 +110,10 @@ def load_backbone(path: str | Path, spec: dict[str, Any] | None = None) -> nn.Mo
     if spec is None:
         spec_path = path.with_name(path.name + ".json")
         if not spec_path.is_file():
-            raise ExportError(f"{spec_path} is missing: it says which constructor {path.name} loads into "
-                              "(pass spec= to load_backbone)")
+            raise ExportError(
+                f"{spec_path} is missing: it says which constructor {path.name} loads into "
+                "(pass spec= to load_backbone)"
+            )
         spec = json.loads(spec_path.read_text())
     try:
         weights = read_checkpoint(path)  # checksums verified, tensors only
@@ -131,8 +139,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     spec = json.loads(path.with_name(path.name + ".json").read_text())
-    print(f"wrote {path} ({spec['backbone']['name']}); load it with contrastive.export.load_backbone({str(path)!r})"
-          f" or: {spec['constructor']}; net.load_state_dict(torch.load(path, weights_only=True))")
+    print(
+        f"wrote {path} ({spec['backbone']['name']}); load it with contrastive.export.load_backbone({str(path)!r})"
+        f" or: {spec['constructor']}; net.load_state_dict(torch.load(path, weights_only=True))"
+    )
     return 0
 
 

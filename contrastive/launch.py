@@ -80,8 +80,11 @@ class _ResultsLauncher(_MultiProcessingLauncher):
 
     def get_extra_results(self, trainer: L.Trainer) -> dict[str, Any]:
         extra = super().get_extra_results(trainer)
-        callbacks = [{name: getattr(cb, name) for name in self.carried[type(cb)]}
-                     for cb in trainer.callbacks if type(cb) in self.carried]
+        callbacks = [
+            {name: getattr(cb, name) for name in self.carried[type(cb)]}
+            for cb in trainer.callbacks
+            if type(cb) in self.carried
+        ]
         # through a file, as Lightning sends the weights: the main process reads the result queue only after the
         # workers exit, so a result larger than the pipe's buffer (a long history) would block rank 0 for ever
         path = os.path.join(tempfile.mkdtemp(), "results.pt")
@@ -111,6 +114,8 @@ def world_size(trainer_cfg: DictConfig) -> int:
     """Processes the Trainer will run: devices per node (all GPUs for ``auto`` or -1 on a GPU) times nodes."""
     requested = requested_devices(trainer_cfg.devices)
     if requested is None:
-        gpu = trainer_cfg.accelerator in ("gpu", "cuda") or (trainer_cfg.accelerator == "auto" and torch.cuda.is_available())
+        gpu = trainer_cfg.accelerator in ("gpu", "cuda") or (
+            trainer_cfg.accelerator == "auto" and torch.cuda.is_available()
+        )
         requested = torch.cuda.device_count() if gpu else 1
     return (requested if isinstance(requested, int) else len(requested)) * trainer_cfg.num_nodes

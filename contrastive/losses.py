@@ -38,13 +38,13 @@ def in_batch_cross_entropy(sim: Tensor, target: Tensor, temperature: float, excl
     logits = _at_least_float32(sim) / temperature
     if exclude is not None:
         rows = torch.arange(len(logits), device=logits.device)
-        logits = logits.index_put((rows, exclude), torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device))
+        logits = logits.index_put(
+            (rows, exclude), torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device)
+        )
     return F.cross_entropy(logits, target)
 
 
-def info_nce(
-    query: Tensor, positive: Tensor, negatives: Tensor | None = None, temperature: float = 0.1
-) -> Tensor:
+def info_nce(query: Tensor, positive: Tensor, negatives: Tensor | None = None, temperature: float = 0.1) -> Tensor:
     """InfoNCE (van den Oord et al. 2018; the loss of InstDisc, MoCo and SimCLR).
 
     Args:
@@ -80,9 +80,7 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.5) -> Tensor:
     return gathered_nt_xent(z1, z2, z1, z2, offset=0, temperature=temperature)
 
 
-def gathered_nt_xent(
-    z1: Tensor, z2: Tensor, all_z1: Tensor, all_z2: Tensor, offset: int, temperature: float
-) -> Tensor:
+def gathered_nt_xent(z1: Tensor, z2: Tensor, all_z1: Tensor, all_z2: Tensor, offset: int, temperature: float) -> Tensor:
     """NT-Xent of this process's queries against the views of the whole (gathered) batch.
 
     ``z1``, ``z2`` are the local ``[n, D]`` views, ``all_z1``, ``all_z2`` the ``[N, D]`` views of every
@@ -108,9 +106,7 @@ def gathered_info_nce(query: Tensor, all_keys: Tensor, offset: int, temperature:
     return in_batch_cross_entropy(query @ all_keys.T, target, temperature)
 
 
-def nce_loss(
-    pos_logits: Tensor, neg_logits: Tensor, temperature: float, log_z: Tensor, num_data: int
-) -> Tensor:
+def nce_loss(pos_logits: Tensor, neg_logits: Tensor, temperature: float, log_z: Tensor, num_data: int) -> Tensor:
     """NCE with a fixed normaliser, the original loss of InstDisc (Wu et al. 2018, eq. 5-7).
 
     ``P(i|v) = exp(v.f / T) / Z``; with K noise samples from the uniform distribution ``P_n = 1/n``, the data

@@ -32,12 +32,29 @@ class LARS(torch.optim.Optimizer):
     biases, as SimCLR excludes them) take plain SGD steps.
     """
 
-    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, eta: float = 0.001,
-                 variant: str = "simclr", clip: bool = False, eps: float = 1e-8):
+    def __init__(
+        self,
+        params,
+        lr: float,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        eta: float = 0.001,
+        variant: str = "simclr",
+        clip: bool = False,
+        eps: float = 1e-8,
+    ):
         if variant not in LARS_VARIANTS:
             raise ValueError(f"optim.lars_variant={variant!r} is not known; choose one of {', '.join(LARS_VARIANTS)}")
-        defaults = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "eta": eta, "lars_exclude": False,
-                    "variant": variant, "clip": clip, "eps": eps}
+        defaults = {
+            "lr": lr,
+            "momentum": momentum,
+            "weight_decay": weight_decay,
+            "eta": eta,
+            "lars_exclude": False,
+            "variant": variant,
+            "clip": clip,
+            "eps": eps,
+        }
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -60,8 +77,9 @@ class LARS(torch.optim.Optimizer):
                         g_norm = torch.linalg.vector_norm(grad)
                         denominator = g_norm
                     # tensors throughout: a Python comparison would sync with the GPU for every parameter
-                    trust = torch.where((w_norm > 0) & (g_norm > 0), group["eta"] * w_norm / denominator,
-                                        torch.ones_like(w_norm))
+                    trust = torch.where(
+                        (w_norm > 0) & (g_norm > 0), group["eta"] * w_norm / denominator, torch.ones_like(w_norm)
+                    )
                     if larc:  # the factor on the gradient; SGD multiplies by lr below
                         factor = (trust / lr).clamp(max=1.0) if group["clip"] and lr > 0 else trust
                     else:  # the layer's rate itself, inside the momentum
@@ -102,14 +120,25 @@ def build_optimizer(
             g.pop("lars_exclude", None)
         return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas))
     if cfg.name == "lars":
-        return LARS(groups, lr=lr, momentum=cfg.momentum, eta=cfg.lars_eta, variant=cfg.get("lars_variant", "simclr"),
-                    clip=cfg.get("lars_clip", False))
+        return LARS(
+            groups,
+            lr=lr,
+            momentum=cfg.momentum,
+            eta=cfg.lars_eta,
+            variant=cfg.get("lars_variant", "simclr"),
+            clip=cfg.get("lars_clip", False),
+        )
     raise ValueError(f"optim.name={cfg.name!r} is not known; choose one of {', '.join(OPTIMIZERS)}")
 
 
 def warmup_cosine(
-    optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, min_ratio: float = 0.0,
-    kind: str = "cosine", milestones: Sequence[int] = (), gamma: float = 0.1,
+    optimizer: torch.optim.Optimizer,
+    warmup_steps: int,
+    total_steps: int,
+    min_ratio: float = 0.0,
+    kind: str = "cosine",
+    milestones: Sequence[int] = (),
+    gamma: float = 0.1,
 ) -> LambdaLR:
     """Linear warmup to the base rate, then cosine decay to ``min_ratio`` of it (``kind='constant'``: flat;
     ``kind='step'``: times ``gamma`` at each of the ``milestones`` steps, as InstDisc and MoCo v1 train)."""

@@ -65,8 +65,10 @@ def build_logger(cfg: DictConfig, out: Path):
         offline = cfg.logger.offline
         if offline is None:
             offline = os.environ.get("WANDB_MODE") != "online" and not os.environ.get("WANDB_API_KEY")
-        return [CSVLogger(out, name="logs", version=""),
-                WandbLogger(project=cfg.logger.project, save_dir=str(out), offline=offline)]
+        return [
+            CSVLogger(out, name="logs", version=""),
+            WandbLogger(project=cfg.logger.project, save_dir=str(out), offline=offline),
+        ]
     if cfg.logger.name == "tensorboard":
         from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -127,14 +129,19 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.perf.channels_last:
         model = model.to(memory_format=torch.channels_last)
 
-    device = torch.device("cuda" if torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda") else "cpu")
+    device = torch.device(
+        "cuda" if torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda") else "cpu"
+    )
     summary: dict[str, Any] = {}
     # srun (SLURM) and torchrun start every rank before Lightning runs: they set SLURM_PROCID / RANK, not LOCAL_RANK
     rank_zero = all(int(os.environ.get(k, "0")) == 0 for k in ("LOCAL_RANK", "NODE_RANK", "RANK", "SLURM_PROCID"))
     if rank_zero and cfg.eval.init:
         model.to(device)
-        summary.update(evaluate_encoder(model.backbone, model.eval_transform, datamodule, cfg.eval, device,
-                                        prefix="init_", full=False))
+        summary.update(
+            evaluate_encoder(
+                model.backbone, model.eval_transform, datamodule, cfg.eval, device, prefix="init_", full=False
+            )
+        )
         model.cpu()
     if rank_zero and cfg.eval.pixels:
         train_loader, val_loader = datamodule.eval_loaders()
@@ -149,11 +156,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if ckpt_path:
         keep_previous_log(out / "logs" / "metrics.csv")
     history, throughput = History(), Throughput()
-    guard = DivergenceGuard(check_every=cfg.trainer.log_every_n_steps, folder=out / "checkpoints",
-                            resumed_from=ckpt_path)
+    guard = DivergenceGuard(
+        check_every=cfg.trainer.log_every_n_steps, folder=out / "checkpoints", resumed_from=ckpt_path
+    )
     callbacks: list[Callback] = [
         last_checkpoint(out / "checkpoints"),
-        history, throughput, RNGState(), guard, CollapseWatch(), ResumeSettings(),
+        history,
+        throughput,
+        RNGState(),
+        guard,
+        CollapseWatch(),
+        ResumeSettings(),
     ]
     if cfg.perf.adapt_threads and not cfg.perf.threads:
         callbacks.append(ThreadGovernor())
@@ -164,8 +177,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_args["strategy"] = build_strategy(cfg)
     trainer = L.Trainer(
-        **trainer_args, default_root_dir=str(out), logger=build_logger(cfg, out), callbacks=callbacks,
-        sync_batchnorm=cfg.backbone.sync_batchnorm, plugins=[AtomicCheckpointIO(), *build_plugins()],
+        **trainer_args,
+        default_root_dir=str(out),
+        logger=build_logger(cfg, out),
+        callbacks=callbacks,
+        sync_batchnorm=cfg.backbone.sync_batchnorm,
+        plugins=[AtomicCheckpointIO(), *build_plugins()],
     )
     if cfg.perf.compile:
         # in place: torch.compile's wrapper would prefix every saved name with `_orig_mod.`, and the checkpoint
@@ -193,27 +210,42 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     device = model.device if model.device.type != "meta" else device
     model.to(device)
-    summary.update({
-        "method": cfg.method.name,
-        "data": cfg.data.name,
-        "backbone": cfg.backbone.name,
-        "epochs": trainer.current_epoch,
-        "global_steps": trainer.global_step,
-        "global_batch_size": cfg.data.batch_size * trainer.world_size,
-        "key_encoder": cfg.method.get("key_encoder"),
-        "negatives": getattr(model, "negatives_source", None),
-        "images_per_sec": round(throughput.images_per_sec, 1),
-        "peak_mem_mb": round(peak_memory_mb(device), 1),
-        "train_time_s": round(train_time, 1),
-        "startup_s": throughput.startup_s,
-        "final_loss": None,
-    })
+    summary.update(
+        {
+            "method": cfg.method.name,
+            "data": cfg.data.name,
+            "backbone": cfg.backbone.name,
+            "epochs": trainer.current_epoch,
+            "global_steps": trainer.global_step,
+            "global_batch_size": cfg.data.batch_size * trainer.world_size,
+            "key_encoder": cfg.method.get("key_encoder"),
+            "negatives": getattr(model, "negatives_source", None),
+            "images_per_sec": round(throughput.images_per_sec, 1),
+            "peak_mem_mb": round(peak_memory_mb(device), 1),
+            "train_time_s": round(train_time, 1),
+            "startup_s": throughput.startup_s,
+            "final_loss": None,
+        }
+    )
     last = history.records[-1] if history.records else {}
     loss = trainer.callback_metrics.get("train/loss_epoch", last.get("loss"))
     summary["final_loss"] = round(float(loss), 4) if loss is not None else None
-    for key in ("linear_acc", "negatives_per_query", "dictionary_size", "staleness", "staleness_age_steps",
-                "false_negative_rate", "alignment", "uniformity", "embedding_std", "prototype_entropy", "drift",
-                "drift_age_steps", "drift_age_epochs", "dictionary_ratio"):
+    for key in (
+        "linear_acc",
+        "negatives_per_query",
+        "dictionary_size",
+        "staleness",
+        "staleness_age_steps",
+        "false_negative_rate",
+        "alignment",
+        "uniformity",
+        "embedding_std",
+        "prototype_entropy",
+        "drift",
+        "drift_age_steps",
+        "drift_age_epochs",
+        "dictionary_ratio",
+    ):
         if key in last:
             summary[key] = last[key]
     if cfg.eval.final:
@@ -233,11 +265,15 @@ def stopped_message(trainer: L.Trainer, guard: DivergenceGuard, signal_name: str
     where = f"stopped by {signal_name} at step {trainer.global_step} (epoch {trainer.current_epoch})"
     if guard.saved is not None:
         path = guard.folder / "last.ckpt"
-        return (f"{where}; {path} holds the end of epoch {guard.saved['epoch']} (step {guard.saved['step']}): "
-                f"continue with resume=auto in this run folder (or ckpt_path={path})")
+        return (
+            f"{where}; {path} holds the end of epoch {guard.saved['epoch']} (step {guard.saved['step']}): "
+            f"continue with resume=auto in this run folder (or ckpt_path={path})"
+        )
     if guard.resumed_from:
-        return (f"{where}; no checkpoint was written since it resumed from {guard.resumed_from}, which still holds "
-                "the run: continue with resume=auto in this run folder (or that ckpt_path)")
+        return (
+            f"{where}; no checkpoint was written since it resumed from {guard.resumed_from}, which still holds "
+            "the run: continue with resume=auto in this run folder (or that ckpt_path)"
+        )
     return f"{where}; no checkpoint had been written yet (the first is at the end of epoch 0): start it again"
 
 

@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 
 from contrastive.config import register_configs
 
+REPO = Path(__file__).resolve().parents[1]  # the checkout; test files sit one level deeper, in tests/<group>/
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 torch.set_num_threads(1)
@@ -19,9 +20,17 @@ register_configs()
 
 # Small, quick defaults for a run in a test: synthetic data, tiny CNN, no progress bar, no final linear eval.
 FAST = [
-    "data=synthetic", "data.size=256", "data.batch_size=32", "backbone.width=8", "method.proj_hidden_dim=32",
-    "method.proj_out_dim=16", "trainer.max_epochs=2", "trainer.enable_progress_bar=false", "eval.linear_epochs=0",
-    "eval.fewshot_seeds=1", "logger=csv",
+    "data=synthetic",
+    "data.size=256",
+    "data.batch_size=32",
+    "backbone.width=8",
+    "method.proj_hidden_dim=32",
+    "method.proj_out_dim=16",
+    "trainer.max_epochs=2",
+    "trainer.enable_progress_bar=false",
+    "eval.linear_epochs=0",
+    "eval.fewshot_seeds=1",
+    "logger=csv",
 ]
 
 
@@ -70,8 +79,11 @@ def fixed_bank_encoder(model, assign=setattr):
     a monkeypatch's); returns what the pair maps a batch of images to, normalised as the bank stores it."""
     import torch.nn.functional as F
 
-    proj = torch.randn(model.cfg.data.image_size**2 * model.cfg.data.channels, model.cfg.method.proj_out_dim,
-                       generator=torch.Generator().manual_seed(5))
+    proj = torch.randn(
+        model.cfg.data.image_size**2 * model.cfg.data.channels,
+        model.cfg.method.proj_out_dim,
+        generator=torch.Generator().manual_seed(5),
+    )
     assign(model.augment.large, "forward", lambda images: images.float() / 255)
     assign(model, "key_net", lambda view: view.flatten(1) @ proj)
     return lambda images: F.normalize((images.float() / 255).flatten(1) @ proj, dim=1)
@@ -81,8 +93,16 @@ def fit(model, dm, callbacks=(), **trainer_args):
     """A bare Lightning fit on the CPU: no logger, checkpoint or progress bar unless asked."""
     import lightning as L
 
-    args = {"max_epochs": 1, "accelerator": "cpu", "devices": 1, "logger": False, "enable_checkpointing": False,
-            "enable_progress_bar": False, "enable_model_summary": False, "num_sanity_val_steps": 0}
+    args = {
+        "max_epochs": 1,
+        "accelerator": "cpu",
+        "devices": 1,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+    }
     trainer = L.Trainer(callbacks=list(callbacks), **{**args, **trainer_args})
     trainer.fit(model, datamodule=dm)
     return trainer

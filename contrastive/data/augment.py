@@ -116,7 +116,12 @@ def _uniform(n: int, low: float, high: float, device: torch.device) -> Tensor:
 
 
 def random_crop_fractions(
-    n: int, height: int, width: int, scale: Sequence[float], ratio: Sequence[float], device: torch.device,
+    n: int,
+    height: int,
+    width: int,
+    scale: Sequence[float],
+    ratio: Sequence[float],
+    device: torch.device,
 ) -> tuple[Tensor, Tensor]:
     """Per-sample crop width and height as fractions of the image, as RandomResizedCrop draws them: area fraction
     uniform in ``scale``, aspect ratio log-uniform in ``ratio``, the first of ``CROP_ATTEMPTS`` draws that fits;
@@ -189,17 +194,41 @@ class BatchAugment(_Normalized):
     normalise."""
 
     def __init__(
-        self, *, size: int, channels: int, mean: Sequence[float], std: Sequence[float],
-        scale: tuple[float, float] = (0.2, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: float = 0.5,
-        rotation: float = 0.0, translate: float = 0.0,
-        jitter_p: float = 0.8, brightness: float = 0.4, contrast: float = 0.4, saturation: float = 0.4,
-        hue: float = 0.1, jitter_random_order: bool = False, grayscale: float = 0.2, grayscale_first: bool = False,
-        blur_p: float = 0.5, blur_sigma: tuple[float, float] = (0.1, 2.0),
-        solarize: float = 0.0, noise: float = 0.0, cutout_p: float = 0.0, cutout_size: float = 0.25,
+        self,
+        *,
+        size: int,
+        channels: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        scale: tuple[float, float] = (0.2, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        hflip: float = 0.5,
+        rotation: float = 0.0,
+        translate: float = 0.0,
+        jitter_p: float = 0.8,
+        brightness: float = 0.4,
+        contrast: float = 0.4,
+        saturation: float = 0.4,
+        hue: float = 0.1,
+        jitter_random_order: bool = False,
+        grayscale: float = 0.2,
+        grayscale_first: bool = False,
+        blur_p: float = 0.5,
+        blur_sigma: tuple[float, float] = (0.1, 2.0),
+        solarize: float = 0.0,
+        noise: float = 0.0,
+        cutout_p: float = 0.0,
+        cutout_size: float = 0.25,
     ) -> None:
         super().__init__(size, channels, mean, std)
-        for arg, p in (("hflip", hflip), ("jitter_p", jitter_p), ("grayscale", grayscale), ("blur_p", blur_p),
-                       ("solarize", solarize), ("cutout_p", cutout_p)):
+        for arg, p in (
+            ("hflip", hflip),
+            ("jitter_p", jitter_p),
+            ("grayscale", grayscale),
+            ("blur_p", blur_p),
+            ("solarize", solarize),
+            ("cutout_p", cutout_p),
+        ):
             if not 0 <= p <= 1:
                 raise AugmentError(arg, p, "is a probability and must be in [0, 1]")
         for arg, v in (("brightness", brightness), ("contrast", contrast), ("saturation", saturation)):
@@ -232,9 +261,11 @@ class BatchAugment(_Normalized):
         self.cutout_p, self.cutout_side = float(cutout_p), max(1, round(cutout_size * self.size))
 
     def extra_repr(self) -> str:
-        return (f"size={self.size}, scale={self.scale}, hflip={self.hflip}, rotation={self.rotation}, "
-                f"translate={self.translate}, jitter_p={self.jitter_p}, grayscale={self.grayscale}, "
-                f"blur_p={self.blur_p}, solarize={self.solarize}, noise={self.noise}, cutout_p={self.cutout_p}")
+        return (
+            f"size={self.size}, scale={self.scale}, hflip={self.hflip}, rotation={self.rotation}, "
+            f"translate={self.translate}, jitter_p={self.jitter_p}, grayscale={self.grayscale}, "
+            f"blur_p={self.blur_p}, solarize={self.solarize}, noise={self.noise}, cutout_p={self.cutout_p}"
+        )
 
     def forward(self, x: Tensor, crop: bool = True) -> Tensor:
         """x: uint8 ``[B, C, H, W]`` (or float in [0, 1]) -> float32 ``[B, C, size, size]``, normalised.
@@ -362,8 +393,9 @@ class MultiViewAugment(nn.Module):
     def _from_crops(self, crops: list[Tensor]) -> list[Tensor]:
         expected = [self.num_large] + ([self.num_small] if self.num_small > 0 else [])
         if [c.shape[1] if c.dim() == 5 else -1 for c in crops] != expected:
-            raise ValueError(f"expected crops [B, count, C, S, S] with counts {expected}, got "
-                             f"{[tuple(c.shape) for c in crops]}")
+            raise ValueError(
+                f"expected crops [B, count, C, S, S] with counts {expected}, got {[tuple(c.shape) for c in crops]}"
+            )
         views: list[Tensor] = []
         for augment, c in zip((self.large, self.small), crops):
             b, count = c.shape[:2]
@@ -381,11 +413,23 @@ class MultiViewAugment(nn.Module):
 # -- from the config ---------------------------------------------------------------------------------------------
 # augment.<key> -> BatchAugment argument; the crop keys live under `large.` and `small.`
 CONFIG_KEYS = {
-    "hflip": "hflip", "rotation": "rotation", "translate": "translate",
-    "color_jitter.p": "jitter_p", "color_jitter.brightness": "brightness", "color_jitter.contrast": "contrast",
-    "color_jitter.saturation": "saturation", "color_jitter.hue": "hue",
-    "color_jitter.random_order": "jitter_random_order", "grayscale": "grayscale", "grayscale_first": "grayscale_first", "blur.p": "blur_p", "blur.sigma": "blur_sigma", "solarize": "solarize",
-    "noise": "noise", "cutout.p": "cutout_p", "cutout.size": "cutout_size",
+    "hflip": "hflip",
+    "rotation": "rotation",
+    "translate": "translate",
+    "color_jitter.p": "jitter_p",
+    "color_jitter.brightness": "brightness",
+    "color_jitter.contrast": "contrast",
+    "color_jitter.saturation": "saturation",
+    "color_jitter.hue": "hue",
+    "color_jitter.random_order": "jitter_random_order",
+    "grayscale": "grayscale",
+    "grayscale_first": "grayscale_first",
+    "blur.p": "blur_p",
+    "blur.sigma": "blur_sigma",
+    "solarize": "solarize",
+    "noise": "noise",
+    "cutout.p": "cutout_p",
+    "cutout.size": "cutout_size",
 }
 CROP_KEYS = ("size", "scale")
 DATA_ARGS = {"channels": "data.channels", "mean": "data.mean", "std": "data.std"}
@@ -429,8 +473,9 @@ def build_augment(augment_cfg: Any, data_cfg: Any, num_large: int, num_small: in
     known = set(CONFIG_KEYS) | {f"{view}.{key}" for view in ("large", "small") for key in CROP_KEYS}
     unknown = sorted(set(flat) - known)
     if unknown:
-        raise ValueError(f"augment.{unknown[0]} is not a known augmentation key; known keys: "
-                         f"{', '.join(sorted(known))}")
+        raise ValueError(
+            f"augment.{unknown[0]} is not a known augmentation key; known keys: {', '.join(sorted(known))}"
+        )
     shared: dict[str, Any] = {"channels": data["channels"], "mean": list(data["mean"]), "std": list(data["std"])}
     for key, arg in CONFIG_KEYS.items():
         if key in flat:
@@ -447,8 +492,9 @@ def build_eval_transform(data_cfg: Any) -> EvalTransform:
     and normalise."""
     data = _plain(data_cfg)
     try:
-        return EvalTransform(size=data["image_size"], mean=list(data["mean"]), std=list(data["std"]),
-                             crop=data.get("eval_crop", 1.0))
+        return EvalTransform(
+            size=data["image_size"], mean=list(data["mean"]), std=list(data["std"]), crop=data.get("eval_crop", 1.0)
+        )
     except AugmentError as err:
         name = {"size": "data.image_size", "crop": "data.eval_crop"}.get(err.arg) or DATA_ARGS.get(err.arg, err.arg)
         raise ValueError(f"{name}={err.value!r} {err.reason}") from None

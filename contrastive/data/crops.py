@@ -64,8 +64,16 @@ class CroppedViews(Dataset):
             crops = []
             for _ in range(spec.count):
                 top, left, h, w = crop_box(width, height, spec.scale, spec.ratio)
-                crop = TF.resized_crop(img, top, left, h, w, [spec.size, spec.size],
-                                       interpolation=InterpolationMode.BILINEAR, antialias=True)
+                crop = TF.resized_crop(
+                    img,
+                    top,
+                    left,
+                    h,
+                    w,
+                    [spec.size, spec.size],
+                    interpolation=InterpolationMode.BILINEAR,
+                    antialias=True,
+                )
                 crops.append(TF.pil_to_tensor(crop))
             views.append(torch.stack(crops))
         return tuple(views), label, int(index)

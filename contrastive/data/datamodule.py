@@ -19,11 +19,20 @@ from contrastive.data.datasets import DataError, ImageTensorDataset, collate, lo
 class DeviceBatches:
     """Training batches ``[images, labels, index]`` gathered on ``device`` from a copy of the whole split kept
     there. Each epoch draws one permutation on the device from a generator seeded by (``seed``, epoch), alike on
-    every process (``epoch``: a callable giving the Trainer's epoch; without one, the passes made so far), and each of the ``world`` processes takes every ``world``-th sample of it, as a distributed
-    sampler does; the last incomplete batch is dropped, as the training DataLoader does."""
+    every process (``epoch``: a callable giving the Trainer's epoch; without one, the passes made so far), and each
+    of the ``world`` processes takes every ``world``-th sample of it, as a distributed sampler does; the last
+    incomplete batch is dropped, as the training DataLoader does."""
 
-    def __init__(self, dataset: ImageTensorDataset, batch_size: int, device: torch.device, seed: int,
-                 epoch: Any = None, rank: int = 0, world: int = 1) -> None:
+    def __init__(
+        self,
+        dataset: ImageTensorDataset,
+        batch_size: int,
+        device: torch.device,
+        seed: int,
+        epoch: Any = None,
+        rank: int = 0,
+        world: int = 1,
+    ) -> None:
         self.device = torch.device(device)
         self.images = dataset.images.to(self.device)
         self.labels = torch.as_tensor(dataset.labels, dtype=torch.int64).to(self.device)
@@ -74,8 +83,14 @@ class ContrastiveDataModule(L.LightningDataModule):
     def loader(self, dataset: Dataset, train: bool) -> DataLoader:
         workers = int(self.cfg.num_workers)
         return DataLoader(
-            dataset, batch_size=int(self.cfg.batch_size), shuffle=train, drop_last=train, num_workers=workers,
-            pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0, collate_fn=collate,
+            dataset,
+            batch_size=int(self.cfg.batch_size),
+            shuffle=train,
+            drop_last=train,
+            num_workers=workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=workers > 0,
+            collate_fn=collate,
         )
 
     def train_dataloader(self) -> DataLoader | DeviceBatches:
@@ -88,19 +103,31 @@ class ContrastiveDataModule(L.LightningDataModule):
     def check_on_device(self) -> None:
         if not self.cfg.get("on_device", False):
             return
-        if not isinstance(self.train_set, ImageTensorDataset) or self.train_views is not None or (
-                self.cfg.get("crops", "stored") != "stored"):
-            raise DataError(f"data.on_device=true needs an in-memory data set with stored crops; data={self.cfg.name} "
-                            f"(data.crops={self.cfg.get('crops')}) reads or crops its images one by one: set "
-                            "data.on_device=false")
+        if (
+            not isinstance(self.train_set, ImageTensorDataset)
+            or self.train_views is not None
+            or (self.cfg.get("crops", "stored") != "stored")
+        ):
+            raise DataError(
+                f"data.on_device=true needs an in-memory data set with stored crops; data={self.cfg.name} "
+                f"(data.crops={self.cfg.get('crops')}) reads or crops its images one by one: set "
+                "data.on_device=false"
+            )
 
     def device_batches(self) -> DeviceBatches:
         self.check_on_device()
         trainer = self.trainer
         if trainer is None:
             return DeviceBatches(self.train_set, int(self.cfg.batch_size), self.device, self.seed)
-        return DeviceBatches(self.train_set, int(self.cfg.batch_size), trainer.strategy.root_device, self.seed,
-                             epoch=lambda: trainer.current_epoch, rank=trainer.global_rank, world=trainer.world_size)
+        return DeviceBatches(
+            self.train_set,
+            int(self.cfg.batch_size),
+            trainer.strategy.root_device,
+            self.seed,
+            epoch=lambda: trainer.current_epoch,
+            rank=trainer.global_rank,
+            world=trainer.world_size,
+        )
 
     def eval_loaders(self) -> tuple[DataLoader, DataLoader]:
         """(train split, val split) in order, without dropping a batch; usable outside the Trainer."""

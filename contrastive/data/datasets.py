@@ -172,8 +172,10 @@ def _root(cfg: Any, holds: str, downloadable: bool = True) -> Path:
 def _require_files(cfg: Any, folder: Path, names: Sequence[str], holds: str) -> None:
     missing = [name for name in names if not (folder / name).is_file()]
     if missing:
-        raise DataError(f"{_where(cfg)}: {', '.join(missing)} not found in {folder}: "
-                        f"set data.root=<folder holding {holds}> or data.download=true")
+        raise DataError(
+            f"{_where(cfg)}: {', '.join(missing)} not found in {folder}: "
+            f"set data.root=<folder holding {holds}> or data.download=true"
+        )
 
 
 def _download(cfg: Any, make: Callable[[], Any]) -> None:
@@ -181,8 +183,10 @@ def _download(cfg: Any, make: Callable[[], Any]) -> None:
     try:
         make()
     except (OSError, RuntimeError) as err:
-        raise DataError(f"data.download=true: downloading {cfg.name} into {cfg.root} failed ({err}); "
-                        f"place the files there yourself and set data.download=false") from err
+        raise DataError(
+            f"data.download=true: downloading {cfg.name} into {cfg.root} failed ({err}); "
+            f"place the files there yourself and set data.download=false"
+        ) from err
 
 
 # -- IDX (MNIST) ---------------------------------------------------------------------------------------------
@@ -198,8 +202,10 @@ def read_idx(path: str | Path, kind: str) -> Tensor:
         try:
             raw = gzip.decompress(raw)
         except (EOFError, OSError, zlib.error) as err:  # zlib.error: a damaged deflate stream
-            raise DataError(f"file {path} is a truncated or damaged gzip file ({err}): replace it, or delete it "
-                            "and set data.download=true") from err
+            raise DataError(
+                f"file {path} is a truncated or damaged gzip file ({err}): replace it, or delete it "
+                "and set data.download=true"
+            ) from err
     expected_magic = IDX_MAGIC[kind]
     if len(raw) < 4:
         raise DataError(f"file {path} is truncated: expected an IDX header, got {len(raw)} bytes")
@@ -210,7 +216,7 @@ def read_idx(path: str | Path, kind: str) -> Tensor:
     header = 4 + 4 * ndim
     if len(raw) < header:
         raise DataError(f"file {path} is truncated: expected a {header}-byte header, got {len(raw)} bytes")
-    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     expected = header + math.prod(dims)
     if len(raw) != expected:
         state = "truncated" if len(raw) < expected else "too long"
@@ -222,8 +228,10 @@ def _find_idx(cfg: Any, raw_dir: Path, stem: str) -> Path:
     for name in (stem, stem + ".gz"):
         if (raw_dir / name).is_file():
             return raw_dir / name
-    raise DataError(f"{_where(cfg)}: {stem}(.gz) not found in {raw_dir}: "
-                    f"set data.root=<folder holding MNIST/raw> or data.download=true")
+    raise DataError(
+        f"{_where(cfg)}: {stem}(.gz) not found in {raw_dir}: "
+        f"set data.root=<folder holding MNIST/raw> or data.download=true"
+    )
 
 
 def _read_mnist(cfg: Any, raw_dir: Path, prefix: str) -> tuple[Tensor, Tensor]:
@@ -310,8 +318,11 @@ def _cifar(cfg: Any) -> tuple[Dataset, Dataset]:
     from torchvision.datasets import CIFAR10, CIFAR100
 
     cls, folder, files = {
-        "cifar10": (CIFAR10, "cifar-10-batches-py",
-                    [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]),
+        "cifar10": (
+            CIFAR10,
+            "cifar-10-batches-py",
+            [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"],
+        ),
         "cifar100": (CIFAR100, "cifar-100-python", ["train", "test", "meta"]),
     }[cfg.name]
     root = _root(cfg, folder)
@@ -324,8 +335,10 @@ def _cifar(cfg: Any) -> tuple[Dataset, Dataset]:
         try:
             ds = cls(str(root), train=train, download=False)
         except RuntimeError as err:
-            raise DataError(f"{_where(cfg)}: {root / folder} is corrupted ({err}): "
-                            "replace its files, or delete them and set data.download=true") from err
+            raise DataError(
+                f"{_where(cfg)}: {root / folder} is corrupted ({err}): "
+                "replace its files, or delete them and set data.download=true"
+            ) from err
         sets.append(ImageTensorDataset(_hwc(ds.data), torch.as_tensor(ds.targets, dtype=torch.int64)))
     return sets[0], sets[1]
 
@@ -347,16 +360,20 @@ def _stl10(cfg: Any) -> tuple[Dataset, Dataset]:
         try:
             ds = STL10(str(root), split=split, download=False)
         except RuntimeError as err:
-            raise DataError(f"{_where(cfg)}: {root / 'stl10_binary'} is corrupted ({err}): "
-                            "replace its files, or delete them and set data.download=true") from err
+            raise DataError(
+                f"{_where(cfg)}: {root / 'stl10_binary'} is corrupted ({err}): "
+                "replace its files, or delete them and set data.download=true"
+            ) from err
         sets.append(ImageTensorDataset(torch.as_tensor(ds.data), torch.as_tensor(ds.labels, dtype=torch.int64)))
     return sets[0], sets[1]
 
 
 def _imagefolder(cfg: Any) -> tuple[Dataset, Dataset]:
     if cfg.download:
-        raise DataError("data.download=true: imagefolder cannot be downloaded; set data.download=false and "
-                        "data.root=<folder holding train/ and val/>")
+        raise DataError(
+            "data.download=true: imagefolder cannot be downloaded; set data.download=false and "
+            "data.root=<folder holding train/ and val/>"
+        )
     root = _root(cfg, "train/ and val/", downloadable=False)
     if cfg.load_size <= 0:
         raise DataError(f"data.load_size={cfg.load_size} must be > 0 for imagefolder (the stored image size)")
@@ -364,30 +381,38 @@ def _imagefolder(cfg: Any) -> tuple[Dataset, Dataset]:
         raise DataError(f"data.channels={cfg.channels}: imagefolder decodes to 1 (grey) or 3 (RGB) channels")
     missing = [f"{name}/" for name in ("train", "val") if not (root / name).is_dir()]
     if missing:
-        raise DataError(f"{_where(cfg)}: {', '.join(missing)} not found in {root}: "
-                        "set data.root=<folder holding train/ and val/, one sub-folder per class in each>")
+        raise DataError(
+            f"{_where(cfg)}: {', '.join(missing)} not found in {root}: "
+            "set data.root=<folder holding train/ and val/, one sub-folder per class in each>"
+        )
     train, val = (ImageFolderDataset(root / name, cfg.load_size, cfg.channels) for name in ("train", "val"))
     if train.classes != val.classes:
-        raise DataError(f"{_where(cfg)}: train/ and val/ have different class folders "
-                        f"({len(train.classes)} vs {len(val.classes)})")
+        raise DataError(
+            f"{_where(cfg)}: train/ and val/ have different class folders ({len(train.classes)} vs {len(val.classes)})"
+        )
     return train, val
 
 
 # -- NumPy archives ------------------------------------------------------------------------------------------
-NPZ_SPLITS = {"images": ("images", "labels"), "medmnist": ("train_images", "train_labels", "test_images", "test_labels")}
+NPZ_SPLITS = {
+    "images": ("images", "labels"),
+    "medmnist": ("train_images", "train_labels", "test_images", "test_labels"),
+}
 
 
 def _npz_path(cfg: Any) -> Path:
     if not cfg.file:
-        raise DataError("data.file is not set: set data.file=<path to an .npz archive> (relative to data.root "
-                        "unless absolute)")
+        raise DataError(
+            "data.file is not set: set data.file=<path to an .npz archive> (relative to data.root unless absolute)"
+        )
     path = Path(str(cfg.file)).expanduser()
     if not path.is_absolute() and cfg.root is not None:
         path = Path(str(cfg.root)).expanduser() / path
     if not path.is_file():
         where = "" if cfg.root is None or Path(str(cfg.file)).is_absolute() else f" under {_where(cfg)}"
-        raise DataError(f"data.file={cfg.file!r}{where}: {path} not found: set data.file (and data.root) to an "
-                        ".npz archive")
+        raise DataError(
+            f"data.file={cfg.file!r}{where}: {path} not found: set data.file (and data.root) to an .npz archive"
+        )
     return path
 
 
@@ -396,8 +421,10 @@ def _npz_array(archive: Any, path: Path, key: str) -> Any:
         return archive[key]
     except ValueError as err:
         # numpy refuses object arrays without pickle: such a file could run code when read
-        raise DataError(f"file {path}: key {key!r} holds pickled objects (dtype object), which are not read; "
-                        "save plain uint8 / integer arrays instead") from err
+        raise DataError(
+            f"file {path}: key {key!r} holds pickled objects (dtype object), which are not read; "
+            "save plain uint8 / integer arrays instead"
+        ) from err
 
 
 def npz_images(array: Any, path: Path, key: str, channels: int) -> Tensor:
@@ -405,8 +432,10 @@ def npz_images(array: Any, path: Path, key: str, channels: int) -> Tensor:
     import numpy as np
 
     if array.dtype != np.uint8:
-        raise DataError(f"file {path}: {key!r} has dtype {array.dtype}, expected uint8 pixels 0..255: convert with "
-                        "(x * 255).round().astype('uint8') if they are floats in [0, 1]")
+        raise DataError(
+            f"file {path}: {key!r} has dtype {array.dtype}, expected uint8 pixels 0..255: convert with "
+            "(x * 255).round().astype('uint8') if they are floats in [0, 1]"
+        )
     shape = array.shape
     if array.ndim == 3:
         return torch.from_numpy(np.ascontiguousarray(array)).unsqueeze(1)
@@ -419,9 +448,11 @@ def npz_images(array: Any, path: Path, key: str, channels: int) -> Tensor:
     if last and first:
         last, first = shape[1] == shape[2], shape[2] == shape[3]
     if last == first:
-        raise DataError(f"file {path}: {key!r} has shape {shape}: cannot tell the channel axis (data.channels="
-                        f"{channels} at {side}); expected [N, H, W, {channels}] or [N, {channels}, H, W], or set "
-                        "data.channels to the images' channel count")
+        raise DataError(
+            f"file {path}: {key!r} has shape {shape}: cannot tell the channel axis (data.channels="
+            f"{channels} at {side}); expected [N, H, W, {channels}] or [N, {channels}, H, W], or set "
+            "data.channels to the images' channel count"
+        )
     tensor = torch.from_numpy(np.ascontiguousarray(array))
     return tensor.permute(0, 3, 1, 2).contiguous() if last else tensor
 
@@ -435,8 +466,10 @@ def npz_labels(array: Any, path: Path, key: str, n: int) -> Tensor:
     if array.ndim == 2 and array.shape[1] == 1:
         array = array[:, 0]
     if array.ndim != 1:
-        raise DataError(f"file {path}: {key!r} has shape {array.shape}, expected [N] class indices (multi-label "
-                        "sets are not supported)")
+        raise DataError(
+            f"file {path}: {key!r} has shape {array.shape}, expected [N] class indices (multi-label "
+            "sets are not supported)"
+        )
     if len(array) != n:
         raise DataError(f"file {path}: {key!r} holds {len(array)} labels but the images number {n}")
     if len(array) and array.min() < 0:
@@ -455,21 +488,27 @@ def _npz(cfg: Any) -> tuple[Dataset, Dataset]:
     try:
         archive = np.load(path, allow_pickle=False)
     except ValueError as err:
-        raise DataError(f"file {path} is not an .npz archive (NumPy reads it as pickled data, which is not read): "
-                        "save the arrays with numpy.savez") from err
+        raise DataError(
+            f"file {path} is not an .npz archive (NumPy reads it as pickled data, which is not read): "
+            "save the arrays with numpy.savez"
+        ) from err
     except (OSError, zipfile.BadZipFile, EOFError) as err:
         raise DataError(f"file {path} is not a readable .npz archive ({err})") from err
     if not isinstance(archive, np.lib.npyio.NpzFile):
-        raise DataError(f"file {path} is a single .npy array, not an .npz archive: save it with "
-                        "numpy.savez(path, images=..., labels=...)")
+        raise DataError(
+            f"file {path} is a single .npy array, not an .npz archive: save it with "
+            "numpy.savez(path, images=..., labels=...)"
+        )
     with archive:
         keys = set(archive.files)
         layout = "medmnist" if "train_images" in keys else "images"
         missing = [key for key in NPZ_SPLITS[layout] if key not in keys]
         if missing:
-            raise DataError(f"file {path}: no {', '.join(map(repr, missing))} (it has {', '.join(sorted(keys))}); "
-                            "expected 'images' and 'labels', or train_images, train_labels, test_images, "
-                            "test_labels")
+            raise DataError(
+                f"file {path}: no {', '.join(map(repr, missing))} (it has {', '.join(sorted(keys))}); "
+                "expected 'images' and 'labels', or train_images, train_labels, test_images, "
+                "test_labels"
+            )
         pairs = []
         for prefix in ("",) if layout == "images" else ("train_", "test_"):
             key = prefix + "images"
@@ -480,8 +519,10 @@ def _npz(cfg: Any) -> tuple[Dataset, Dataset]:
     if layout == "images":
         return _split(*pairs[0], cfg)
     if pairs[0][0].shape[1:] != pairs[1][0].shape[1:]:
-        raise DataError(f"file {path}: train_images {tuple(pairs[0][0].shape[1:])} and test_images "
-                        f"{tuple(pairs[1][0].shape[1:])} differ in image shape")
+        raise DataError(
+            f"file {path}: train_images {tuple(pairs[0][0].shape[1:])} and test_images "
+            f"{tuple(pairs[1][0].shape[1:])} differ in image shape"
+        )
     return ImageTensorDataset(*pairs[0]), ImageTensorDataset(*pairs[1])
 
 
@@ -504,10 +545,14 @@ def load_splits(data_cfg: Any) -> tuple[Dataset, Dataset]:
     train, val = LOADERS[data_cfg.name](data_cfg)
     found = max(train.num_classes, val.num_classes)
     if found != data_cfg.num_classes:
-        raise DataError(f"data.num_classes={data_cfg.num_classes} but {data_cfg.name} has {found} classes: "
-                        f"set data.num_classes={found}")
+        raise DataError(
+            f"data.num_classes={data_cfg.num_classes} but {data_cfg.name} has {found} classes: "
+            f"set data.num_classes={found}"
+        )
     channels = train[0][0].shape[0]
     if channels != data_cfg.channels:
-        raise DataError(f"data.channels={data_cfg.channels} but {data_cfg.name} images have {channels}: "
-                        f"set data.channels={channels}")
+        raise DataError(
+            f"data.channels={data_cfg.channels} but {data_cfg.name} images have {channels}: "
+            f"set data.channels={channels}"
+        )
     return train, val

@@ -16,7 +16,10 @@ from contrastive.methods.simclr import SimCLR
 from contrastive.methods.swav import SwAV
 
 METHODS: dict[str, type[ContrastiveMethod]] = {
-    "simclr": SimCLR, "memory_bank": MemoryBankMethod, "moco": MoCo, "swav": SwAV,
+    "simclr": SimCLR,
+    "memory_bank": MemoryBankMethod,
+    "moco": MoCo,
+    "swav": SwAV,
 }
 
 __all__ = ["METHODS", "ContrastiveMethod", "InstanceDiscrimination", "build_method", "method_class"]

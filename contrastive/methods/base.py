@@ -51,8 +51,14 @@ class ContrastiveMethod(L.LightningModule):
         m, data = self.cfg.method, self.cfg.data
         self.backbone = backbone_from_config(self.cfg.backbone, data.channels)
         self.feature_dim = self.backbone.out_dim
-        self.projector = projection_head(self.feature_dim, m.proj_hidden_dim, m.proj_out_dim, m.proj_layers,
-                                         m.get("proj_batch_norm", True), m.get("proj_final_bn", False))
+        self.projector = projection_head(
+            self.feature_dim,
+            m.proj_hidden_dim,
+            m.proj_out_dim,
+            m.proj_layers,
+            m.get("proj_batch_norm", True),
+            m.get("proj_final_bn", False),
+        )
         self.probe = nn.Linear(self.feature_dim, data.num_classes)
         self.augment = build_augment(self.cfg.augment, data, m.num_views, m.num_small_views)
         self.eval_transform = build_eval_transform(data)
@@ -103,13 +109,21 @@ class ContrastiveMethod(L.LightningModule):
         the official pipelines do; the on-device augmentation then skips its crop."""
         dm = getattr(self.trainer, "datamodule", None)
         if dm is None:
-            raise RuntimeError("data.crops=full cuts views in the data module's loader; fit with a "
-                               "ContrastiveDataModule, or use data.crops=stored")
-        specs = [CropSpec(self.augment.large.size, self.augment.num_large, self.augment.large.scale,
-                          self.augment.large.ratio)]
+            raise RuntimeError(
+                "data.crops=full cuts views in the data module's loader; fit with a "
+                "ContrastiveDataModule, or use data.crops=stored"
+            )
+        specs = [
+            CropSpec(
+                self.augment.large.size, self.augment.num_large, self.augment.large.scale, self.augment.large.ratio
+            )
+        ]
         if self.augment.num_small > 0:
-            specs.append(CropSpec(self.augment.small.size, self.augment.num_small, self.augment.small.scale,
-                                  self.augment.small.ratio))
+            specs.append(
+                CropSpec(
+                    self.augment.small.size, self.augment.num_small, self.augment.small.scale, self.augment.small.ratio
+                )
+            )
         dm.train_views = partial(CroppedViews, specs=specs)
 
     def on_fit_start(self) -> None:
@@ -170,8 +184,13 @@ class ContrastiveMethod(L.LightningModule):
         bank, bank_labels = (dist.gather(torch.cat(t)) for t in zip(*self._val_outputs[0]))
         query, query_labels = (dist.gather(torch.cat(t)) for t in zip(*self._val_outputs[1]))
         acc = knn_accuracy(
-            bank, bank_labels, query, query_labels, self.cfg.data.num_classes,
-            k=self.cfg.eval.knn_k, temperature=self.cfg.eval.knn_temperature,
+            bank,
+            bank_labels,
+            query,
+            query_labels,
+            self.cfg.data.num_classes,
+            k=self.cfg.eval.knn_k,
+            temperature=self.cfg.eval.knn_temperature,
         )
         self.log("val/knn_acc", acc, add_dataloader_idx=False)
         self._val_outputs = {0: [], 1: []}
@@ -206,8 +225,9 @@ class ContrastiveMethod(L.LightningModule):
         steps_per_epoch = self.steps_per_epoch(total)
         warmup = int(optim.warmup_epochs * steps_per_epoch)
         milestones = [int(e * steps_per_epoch) for e in optim.get("milestones", [])]
-        schedule = warmup_cosine(optimizer, warmup, total, optim.min_lr_ratio, optim.scheduler, milestones,
-                                 optim.get("step_gamma", 0.1))
+        schedule = warmup_cosine(
+            optimizer, warmup, total, optim.min_lr_ratio, optim.scheduler, milestones, optim.get("step_gamma", 0.1)
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def steps_per_epoch(self, total: int) -> int:
@@ -231,7 +251,6 @@ class ContrastiveMethod(L.LightningModule):
         return min(self.global_step / total, 1.0)
 
 
-
 class InstanceDiscrimination(ContrastiveMethod):
     """Queries against keys: each query view's positive is the key of its other view (or, with one view, the
     sample's own stored entry), its negatives come from the source. The key encoder and the source are components
@@ -248,15 +267,19 @@ class InstanceDiscrimination(ContrastiveMethod):
     @classmethod
     def check_config(cls, cfg: DictConfig, world_size: int) -> None:
         m = cfg.method
-        require(m.key_encoder in KEY_ENCODERS,
-                f"method.key_encoder={m.key_encoder!r}; choose one of {', '.join(KEY_ENCODERS)}")
+        require(
+            m.key_encoder in KEY_ENCODERS,
+            f"method.key_encoder={m.key_encoder!r}; choose one of {', '.join(KEY_ENCODERS)}",
+        )
         require(m.negatives in NEGATIVES, f"method.negatives={m.negatives!r}; choose one of {', '.join(NEGATIVES)}")
         require(m.loss in ("info_nce", "nce"), f"method.loss={m.loss!r}; choose info_nce or nce")
         require(m.loss == "info_nce" or m.negatives == "bank", "method.loss=nce needs method.negatives=bank")
         source = NEGATIVES[m.negatives]
-        require(source.one_view or m.num_views == 2,
-                f"method.num_views={m.num_views}: negatives={m.negatives} needs 2 views (a positive pair); "
-                "only the memory bank can use 1 (its positive is the stored entry)")
+        require(
+            source.one_view or m.num_views == 2,
+            f"method.num_views={m.num_views}: negatives={m.negatives} needs 2 views (a positive pair); "
+            "only the memory bank can use 1 (its positive is the stored entry)",
+        )
         require(m.num_views <= 2, f"method.num_views={m.num_views} must be 1 or 2 for {m.name}")
         KEY_ENCODERS[m.key_encoder].check(cfg)
         source.check(cfg, world_size)

@@ -89,7 +89,7 @@ class SwAV(ContrastiveMethod):
             "SwAV looks collapsed; likely causes: a learning rate too high (optim.lr), a Sinkhorn epsilon too large, "
             "which makes the codes near uniform (method.sinkhorn_epsilon), or a queue started too early "
             f"(method.queue_start_epoch). The loss sat at ln(K)={log_k:.3f} (this epoch {loss:.3f}) or the codes "
-            f"used almost one prototype (normalised usage entropy {entropy:.3f})"
+            f"used almost one prototype (normalised usage entropy {max(0.0, entropy):.3f})"
         )
 
     def on_train_epoch_end(self) -> None:

@@ -23,7 +23,7 @@ class DriftProbe:
             raise ValueError(f"a drift probe needs slots >= 1 and rows >= 1, got {slots}, {rows}")
         self.slots, self.rows = slots, rows
         self.views: Tensor | None = None  # [slots, rows, C, H, W]: the exact inputs of the stored keys
-        self.refs: Tensor | None = None   # [slots, rows, D]: their eval-mode keys when they were written
+        self.refs: Tensor | None = None  # [slots, rows, D]: their eval-mode keys when they were written
         self.steps = torch.full((slots,), -1, dtype=torch.long)  # host-side: when each slot was written
         self.next = 0
 
@@ -56,8 +56,11 @@ class DriftProbe:
         now = key_net(views).float()
         cos = F.cosine_similarity(now, refs.to(now.device), dim=1)
         ages = (step - self.steps[keep]).float()
-        return {"drift": float(1 - cos.mean()), "drift_age_steps": float(ages.mean()),
-                "drift_samples": float(len(views))}
+        return {
+            "drift": float(1 - cos.mean()),
+            "drift_age_steps": float(ages.mean()),
+            "drift_samples": float(len(views)),
+        }
 
     def state_dict(self) -> dict[str, object]:
         return {"views": self.views, "refs": self.refs, "steps": self.steps, "next": self.next}

@@ -28,9 +28,7 @@ def knn_predict(
     if len(bank) == 0:
         raise ValueError("the kNN bank is empty")
     if k < 1 or temperature <= 0 or chunk_size < 1:
-        raise ValueError(
-            f"need k >= 1, temperature > 0, chunk_size >= 1; got {k}, {temperature}, {chunk_size}"
-        )
+        raise ValueError(f"need k >= 1, temperature > 0, chunk_size >= 1; got {k}, {temperature}, {chunk_size}")
     k = min(k, len(bank))
     bank = F.normalize(bank.detach().float(), dim=1)
     bank_labels = bank_labels.to(bank.device).long()
@@ -78,7 +76,10 @@ def fewshot_indices(labels: Tensor, shots: int, seed: int) -> Tensor:
 
 
 def fewshot_mean(
-    probe: Callable[[Tensor, Tensor, int], float], train_feats: Tensor, train_labels: Tensor, shots: int,
+    probe: Callable[[Tensor, Tensor, int], float],
+    train_feats: Tensor,
+    train_labels: Tensor,
+    shots: int,
     seeds: Sequence[int],
 ) -> float:
     """Mean over ``seeds`` of ``probe(features, labels, seed)`` fitted on that seed's draw of ``shots`` labelled
@@ -105,7 +106,11 @@ def fewshot_knn_accuracy(
 ) -> float:
     """kNN accuracy (percent) with a bank of ``shots`` labelled samples per class, mean over ``seeds``."""
     return fewshot_mean(
-        lambda feats, labels, _seed: knn_accuracy(feats, labels, val_feats, val_labels, num_classes, k=k,
-                                                  temperature=temperature),
-        train_feats, train_labels, shots, seeds,
+        lambda feats, labels, _seed: knn_accuracy(
+            feats, labels, val_feats, val_labels, num_classes, k=k, temperature=temperature
+        ),
+        train_feats,
+        train_labels,
+        shots,
+        seeds,
     )

@@ -48,9 +48,7 @@ def train_linear_classifier(
         nn.init.zeros_(layer.bias)
         optimizer = torch.optim.Adam(layer.parameters(), lr=lr, weight_decay=weight_decay)
         steps_per_epoch = math.ceil(len(x) / batch_size)
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-            optimizer, T_max=max(epochs * steps_per_epoch, 1)
-        )
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs * steps_per_epoch, 1))
         generator = torch.Generator().manual_seed(seed)
         for _ in range(epochs):
             for idx in torch.randperm(len(x), generator=generator).to(x.device).split(batch_size):
@@ -116,7 +114,20 @@ def fewshot_linear_accuracy(
     """Linear accuracy (percent) when only ``shots`` labelled samples per class are available, mean over
     ``seeds``; each seed draws its own subset (:func:`fewshot_indices`) and seeds its own fit."""
     return fewshot_mean(
-        lambda feats, labels, seed: linear_accuracy(feats, labels, val_feats, val_labels, num_classes, epochs=epochs,
-                                                    seed=seed, lr=lr, weight_decay=weight_decay, batch_size=batch_size),
-        train_feats, train_labels, shots, seeds,
+        lambda feats, labels, seed: linear_accuracy(
+            feats,
+            labels,
+            val_feats,
+            val_labels,
+            num_classes,
+            epochs=epochs,
+            seed=seed,
+            lr=lr,
+            weight_decay=weight_decay,
+            batch_size=batch_size,
+        ),
+        train_feats,
+        train_labels,
+        shots,
+        seeds,
     )

@@ -15,20 +15,28 @@ def encoder_stages(backbone: nn.Module) -> dict[str, nn.Module]:
     net = getattr(backbone, "net", None)
     if isinstance(net, nn.Sequential):  # SmallCNN: each conv-BN-ReLU block ends in its ReLU
         modules = list(net)
-        relus = [m for i, m in enumerate(modules) if isinstance(m, nn.ReLU) and i >= 2
-                 and isinstance(modules[i - 2], nn.Conv2d)]
+        relus = [
+            m
+            for i, m in enumerate(modules)
+            if isinstance(m, nn.ReLU) and i >= 2 and isinstance(modules[i - 2], nn.Conv2d)
+        ]
         return {f"block{i + 1}": m for i, m in enumerate(relus)}
     raise ValueError(f"no stages known for a {type(backbone).__name__} backbone")
 
 
 @torch.no_grad()
-def stage_features(backbone: nn.Module, transform: nn.Module, loader, device: torch.device) -> tuple[
-        dict[str, Tensor], Tensor]:
+def stage_features(
+    backbone: nn.Module, transform: nn.Module, loader, device: torch.device
+) -> tuple[dict[str, Tensor], Tensor]:
     """Globally average-pooled features of every stage for every image of ``loader`` (one forward per batch)."""
     stages = encoder_stages(backbone)
     current: dict[str, Tensor] = {}
-    hooks = [module.register_forward_hook(lambda _m, _i, out, name=name: current.__setitem__(
-        name, out.float().mean(dim=(2, 3)))) for name, module in stages.items()]
+    hooks = [
+        module.register_forward_hook(
+            lambda _m, _i, out, name=name: current.__setitem__(name, out.float().mean(dim=(2, 3)))
+        )
+        for name, module in stages.items()
+    ]
     feats: dict[str, list[Tensor]] = {name: [] for name in stages}
     labels = []
     was_training = backbone.training

@@ -42,7 +42,12 @@ class SmallCNN(nn.Module):
 
 
 def build_backbone(
-    name: str, in_channels: int, small_images: bool = True, width: int = 32, depth: int = 4, pool_size: int = 1,
+    name: str,
+    in_channels: int,
+    small_images: bool = True,
+    width: int = 32,
+    depth: int = 4,
+    pool_size: int = 1,
     fc_dim: int = 0,
 ) -> nn.Module:
     """A backbone with its classifier removed; ``out_dim`` holds the feature dimension.
@@ -67,12 +72,14 @@ def build_backbone(
 
 def backbone_from_config(cfg, in_channels: int) -> nn.Module:
     """:func:`build_backbone` from a ``backbone`` config group (keys added later default, so old checkpoints load)."""
-    return build_backbone(cfg.name, in_channels, cfg.small_images, cfg.width, cfg.depth, cfg.get("pool_size", 1),
-                          cfg.get("fc_dim", 0))
+    return build_backbone(
+        cfg.name, in_channels, cfg.small_images, cfg.width, cfg.depth, cfg.get("pool_size", 1), cfg.get("fc_dim", 0)
+    )
 
 
-def projection_head(in_dim: int, hidden_dim: int, out_dim: int, layers: int, batch_norm: bool = True,
-                    final_batch_norm: bool = False) -> nn.Module:
+def projection_head(
+    in_dim: int, hidden_dim: int, out_dim: int, layers: int, batch_norm: bool = True, final_batch_norm: bool = False
+) -> nn.Module:
     """MLP head: ``layers`` linear layers, (BN +) ReLU between them; ``layers=1`` is MoCo v1's linear head,
     ``batch_norm=False`` with 2 layers MoCo v2's Linear-ReLU-Linear. ``final_batch_norm``: the last linear layer
     without bias, then BN with a scale and no offset, as SimCLR's official head ends."""

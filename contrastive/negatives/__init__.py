@@ -22,5 +22,14 @@ from contrastive.negatives.ring import RingBuffer
 
 NEGATIVES: dict[str, type[Negatives]] = {"batch": BatchNegatives, "bank": BankNegatives, "queue": QueueNegatives}
 
-__all__ = ["NEGATIVES", "BankNegatives", "BatchNegatives", "MemoryBank", "Negatives", "Queue", "QueueNegatives",
-           "RingBuffer", "StoredNegatives"]
+__all__ = [
+    "NEGATIVES",
+    "BankNegatives",
+    "BatchNegatives",
+    "MemoryBank",
+    "Negatives",
+    "Queue",
+    "QueueNegatives",
+    "RingBuffer",
+    "StoredNegatives",
+]

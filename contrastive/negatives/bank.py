@@ -87,8 +87,10 @@ class BankNegatives(StoredNegatives):
     def check_with_data(cls, cfg, num_train: int, world_size: int) -> None:
         m = cfg.method
         if m.num_negatives is not None:
-            require(m.num_negatives < num_train,
-                    f"method.num_negatives={m.num_negatives} must be smaller than the bank ({num_train} training images)")
+            require(
+                m.num_negatives < num_train,
+                f"method.num_negatives={m.num_negatives} must be smaller than the bank ({num_train} training images)",
+            )
 
     @property
     def bank(self) -> MemoryBank:
@@ -106,7 +108,9 @@ class BankNegatives(StoredNegatives):
         self.log_z_fixed = None  # read again from the loaded buffer
 
     # -- the step --------------------------------------------------------------------------------------------
-    def loss(self, queries: Views, keys: Views, other, index: Tensor, labels: Tensor, logs: dict[str, Tensor]) -> Tensor:
+    def loss(
+        self, queries: Views, keys: Views, other, index: Tensor, labels: Tensor, logs: dict[str, Tensor]
+    ) -> Tensor:
         """Negatives drawn uniformly from the bank; with one view the positive is the sample's own bank entry from
         before this step's update (in the first epoch, the entry it starts as: see ``bank_init``). The bank then
         takes ``normalize(m * old + (1 - m) * new)``."""
@@ -192,8 +196,10 @@ class BankNegatives(StoredNegatives):
         method = self.method
         dm = getattr(method.trainer, "datamodule", None)
         if dm is None:
-            raise RuntimeError("method.bank_init=encoder reads the training set from the trainer's data module; "
-                               "fit with a ContrastiveDataModule, or use method.bank_init=random")
+            raise RuntimeError(
+                "method.bank_init=encoder reads the training set from the trainer's data module; "
+                "fit with a ContrastiveDataModule, or use method.bank_init=random"
+            )
         start, train_set = time.perf_counter(), dm.train_set
         n, world = len(train_set), dist.world_size()
         # equal shards (wrapping around) keep every process's gathers in step

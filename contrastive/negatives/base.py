@@ -57,8 +57,15 @@ class Negatives:
         """The views a momentum key encoder must encode this step (each costs a forward pass)."""
         return list(range(num_views))
 
-    def loss(self, queries: Views, keys: Views, other: Callable[[int], int], index: Tensor, labels: Tensor,
-             logs: dict[str, Tensor]) -> Tensor:
+    def loss(
+        self,
+        queries: Views,
+        keys: Views,
+        other: Callable[[int], int],
+        index: Tensor,
+        labels: Tensor,
+        logs: dict[str, Tensor],
+    ) -> Tensor:
         """The step's loss, mean over the query views; ``keys[other(i)]`` is query view i's positive. May write
         the dictionary after the loss terms are built; may add figures to ``logs``."""
         raise NotImplementedError

@@ -14,7 +14,9 @@ from contrastive.negatives.base import Negatives, Views
 class BatchNegatives(Negatives):
     every_view_queries = True  # NT-Xent is symmetric by construction
 
-    def loss(self, queries: Views, keys: Views, other, index: Tensor, labels: Tensor, logs: dict[str, Tensor]) -> Tensor:
+    def loss(
+        self, queries: Views, keys: Views, other, index: Tensor, labels: Tensor, logs: dict[str, Tensor]
+    ) -> Tensor:
         """A shared encoder: SimCLR's NT-Xent over both views. A momentum encoder: each query against the keys of
         the gathered batch (MoCo v3's choice). Embeddings are gathered with gradient."""
         method = self.method
@@ -23,10 +25,13 @@ class BatchNegatives(Negatives):
         temperature = method.cfg.method.temperature
         if method.key_encoder.kind == "shared":
             z1, z2 = queries[0], queries[1]
-            loss = losses.gathered_nt_xent(z1, z2, dist.gather_with_grad(z1), dist.gather_with_grad(z2), offset,
-                                           temperature)
+            loss = losses.gathered_nt_xent(
+                z1, z2, dist.gather_with_grad(z1), dist.gather_with_grad(z2), offset, temperature
+            )
         else:
-            terms = [losses.gathered_info_nce(queries[i], dist.gather(keys[1 - i]), offset, temperature) for i in queries]
+            terms = [
+                losses.gathered_info_nce(queries[i], dist.gather(keys[1 - i]), offset, temperature) for i in queries
+            ]
             loss = torch.stack(terms).mean()
         if method.train_labels is not None:
             same = (labels[:, None] == all_labels[None, :]).float().sum(1) - 1  # minus the sample itself

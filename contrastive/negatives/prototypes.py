@@ -75,15 +75,21 @@ class Prototypes:
         """Also run when the model is built (tests and tools build it without the config checks)."""
         m, batch = cfg.method, cfg.data.batch_size
         require(m.num_prototypes >= 2, f"method.num_prototypes={m.num_prototypes} must be >= 2")
-        require(m.sinkhorn_epsilon > 0 and m.sinkhorn_iterations >= 1,
-                f"method.sinkhorn_epsilon={m.sinkhorn_epsilon} must be > 0 and "
-                f"method.sinkhorn_iterations={m.sinkhorn_iterations} >= 1")
-        require(m.num_views + m.num_small_views >= 2,
-                f"method.num_views={m.num_views} + method.num_small_views={m.num_small_views}: "
-                "swapped prediction needs at least 2 crops")
-        require(m.queue_size >= 0 and m.queue_size % batch == 0,
-                f"method.queue_size={m.queue_size} must be 0 (no queue) or a positive multiple of "
-                f"data.batch_size={batch} (the queue is per process), or entries are silently dropped")
+        require(
+            m.sinkhorn_epsilon > 0 and m.sinkhorn_iterations >= 1,
+            f"method.sinkhorn_epsilon={m.sinkhorn_epsilon} must be > 0 and "
+            f"method.sinkhorn_iterations={m.sinkhorn_iterations} >= 1",
+        )
+        require(
+            m.num_views + m.num_small_views >= 2,
+            f"method.num_views={m.num_views} + method.num_small_views={m.num_small_views}: "
+            "swapped prediction needs at least 2 crops",
+        )
+        require(
+            m.queue_size >= 0 and m.queue_size % batch == 0,
+            f"method.queue_size={m.queue_size} must be 0 (no queue) or a positive multiple of "
+            f"data.batch_size={batch} (the queue is per process), or entries are silently dropped",
+        )
 
     @classmethod
     def check_with_data(cls, cfg: Any, num_train: int, world_size: int) -> None:
@@ -92,8 +98,10 @@ class Prototypes:
             warnings.warn(
                 f"method.num_prototypes={m.num_prototypes} for {num_train} training images: with more than one "
                 f"prototype per two images the equipartitioned codes cannot group images; use at most "
-                f"{num_train // 2} (about 10x the number of classes works on small data)", ConfigWarning,
-                stacklevel=4)
+                f"{num_train // 2} (about 10x the number of classes works on small data)",
+                ConfigWarning,
+                stacklevel=4,
+            )
 
     # -- the prototypes: unit length, frozen for a while ---------------------------------------------------------
     @torch.no_grad()
@@ -108,7 +116,9 @@ class Prototypes:
     # -- codes and the queue -------------------------------------------------------------------------------------
     def queue_active(self) -> bool:
         queue = self.method.queue
-        return queue is not None and self.method.current_epoch >= self.method.cfg.method.queue_start_epoch and queue.full
+        return (
+            queue is not None and self.method.current_epoch >= self.method.cfg.method.queue_start_epoch and queue.full
+        )
 
     @torch.no_grad()
     def codes(self, scores: list[Tensor]) -> list[Tensor]:

@@ -20,11 +20,13 @@ class Queue(RingBuffer):
     process (writes are gathered first), so DDP never needs to broadcast it."""
 
     def __init__(self, size: int, dim: int):
-        super().__init__({
-            "keys": F.normalize(torch.randn(size, dim), dim=1),
-            "index": torch.full((size,), -1, dtype=torch.long),
-            "written_at": torch.full((size,), -1, dtype=torch.long),
-        })
+        super().__init__(
+            {
+                "keys": F.normalize(torch.randn(size, dim), dim=1),
+                "index": torch.full((size,), -1, dtype=torch.long),
+                "written_at": torch.full((size,), -1, dtype=torch.long),
+            }
+        )
 
     def __len__(self) -> int:
         return self.capacity
@@ -46,9 +48,11 @@ class QueueNegatives(StoredNegatives):
     def check(cls, cfg, world_size: int) -> None:
         m, batch = cfg.method, cfg.data.batch_size
         global_batch = batch * world_size
-        require(m.queue_size > 0 and m.queue_size % global_batch == 0,
-                f"method.queue_size={m.queue_size} must be a positive multiple of the global batch "
-                f"({batch} x {world_size} processes = {global_batch}), or the queue is silently truncated")
+        require(
+            m.queue_size > 0 and m.queue_size % global_batch == 0,
+            f"method.queue_size={m.queue_size} must be a positive multiple of the global batch "
+            f"({batch} x {world_size} processes = {global_batch}), or the queue is silently truncated",
+        )
 
     @property
     def queue(self) -> Queue:
@@ -61,14 +65,18 @@ class QueueNegatives(StoredNegatives):
         # only the keys opposite the queries: one key pass per step for asymmetric MoCo
         return sorted({other(i) for i in query_views})
 
-    def loss(self, queries: Views, keys: Views, other, index: Tensor, labels: Tensor, logs: dict[str, Tensor]) -> Tensor:
+    def loss(
+        self, queries: Views, keys: Views, other, index: Tensor, labels: Tensor, logs: dict[str, Tensor]
+    ) -> Tensor:
         """The queue as it was before this batch is every query's negatives; the new keys are enqueued only after
         all loss terms, so a sample's own key is never its negative (one queue, symmetric or not)."""
         method = self.method
         # no copy of the queue: info_nce normalises it into a new tensor, so the in-place enqueue below cannot touch
         # what the backward pass reads
-        terms = [losses.info_nce(q, keys[other(i)], self.queue.keys, method.cfg.method.temperature)
-                 for i, q in queries.items()]
+        terms = [
+            losses.info_nce(q, keys[other(i)], self.queue.keys, method.cfg.method.temperature)
+            for i, q in queries.items()
+        ]
         fnr = method.false_negative_rate(labels, self.queue.index)
         # before the first enqueue the queue holds no sample, the rate is NaN and would make the epoch's mean NaN
         if fnr is not None and method.global_step > 0:

@@ -50,8 +50,10 @@ class RingBuffer(nn.Module):
         n = first.shape[self._slot_dim]
         ptr, filled = self._state()
         if ptr + n > self.capacity:
-            raise ValueError(f"a write of {n} slots at {ptr} would wrap a ring of {self.capacity}: its size must be a "
-                             "multiple of the batch")
+            raise ValueError(
+                f"a write of {n} slots at {ptr} would wrap a ring of {self.capacity}: its size must be a "
+                "multiple of the batch"
+            )
         for name, value in values.items():
             slots = getattr(self, name).narrow(self._slot_dim, ptr, n)
             if isinstance(value, Tensor):

@@ -14,6 +14,20 @@ from contrastive.report.stats import FAILS, HOLDS, UNMEASURED
 from contrastive.report.tables import budget_line
 
 __all__ = [
-    "FAILS", "HOLDS", "SWAV_MARGIN", "UNMEASURED", "Claim", "NoRunsError", "Report", "Run", "budget_line",
-    "build_report", "load_runs", "main", "run_groups", "run_labels", "survey_claims", "swept_keys",
+    "FAILS",
+    "HOLDS",
+    "SWAV_MARGIN",
+    "UNMEASURED",
+    "Claim",
+    "NoRunsError",
+    "Report",
+    "Run",
+    "budget_line",
+    "build_report",
+    "load_runs",
+    "main",
+    "run_groups",
+    "run_labels",
+    "survey_claims",
+    "swept_keys",
 ]

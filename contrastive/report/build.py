@@ -49,21 +49,36 @@ def time_to_accuracy_section(groups: dict[str, list[Run]], target: float | None,
     if target is None:
         return [*lines, "No run has a per-epoch kNN history with its step count.", ""]
     if plot_time_to_accuracy(runs, target, out / "time_to_accuracy.png"):
-        lines += ["![kNN accuracy against images seen and seconds](time_to_accuracy.png)", "",
-                  (f"*kNN accuracy after each epoch against training images seen (left) and wall-clock seconds "
-                   f"since training started, evaluation included (right); dotted: the target {target:g}%.*"), ""]
+        lines += [
+            "![kNN accuracy against images seen and seconds](time_to_accuracy.png)",
+            "",
+            (
+                f"*kNN accuracy after each epoch against training images seen (left) and wall-clock seconds "
+                f"since training started, evaluation included (right); dotted: the target {target:g}%.*"
+            ),
+            "",
+        ]
     rows = []
     for label, group in groups.items():
         reached = [time_to_accuracy(run, target) for run in group]
         images = [r[0] for r in reached if r is not None]
         seconds = [r[1] for r in reached if r is not None and r[1] is not None]
-        rows.append([_fmt(label, None), f"{len(images)}/{len(group)}",
-                     f"{summarize(images).mean:,.0f}" if images else "not reached",
-                     str(summarize(seconds)) if seconds else "-"])
-    lines += [f"Target: {target:g}% kNN, the lowest best-epoch kNN among the runs (so every run reaches it); "
-              "the first epoch at or above it counts (images and seconds: mean over the group's runs, seconds "
-              "with its 95% interval).", "",
-              _md_table(["group", "runs reaching it", "images seen", "seconds"], rows), ""]
+        rows.append(
+            [
+                _fmt(label, None),
+                f"{len(images)}/{len(group)}",
+                f"{summarize(images).mean:,.0f}" if images else "not reached",
+                str(summarize(seconds)) if seconds else "-",
+            ]
+        )
+    lines += [
+        f"Target: {target:g}% kNN, the lowest best-epoch kNN among the runs (so every run reaches it); "
+        "the first epoch at or above it counts (images and seconds: mean over the group's runs, seconds "
+        "with its 95% interval).",
+        "",
+        _md_table(["group", "runs reaching it", "images seen", "seconds"], rows),
+        "",
+    ]
     return lines
 
 
@@ -90,31 +105,60 @@ def sweeps_section(runs: list[Run], swept: dict[str, list[str]], out: Path) -> l
         if series:
             name = f"sweep_{_file_key(key)}.png"
             plot_lines(series, colors, key, f"kNN accuracy against {key}", out / name)
-            lines += [f"![kNN accuracy against {key}]({name})", "",
-                      f"*Final kNN accuracy against `{key}`, one line per method (mean over runs at each value).*", ""]
-        rows = [(m, [run for run in by_method[m] if run.value(key) == x], x)
-                for m in methods for x in sorted({v for v in (r.value(key) for r in by_method[m]) if v is not None})]
+            lines += [
+                f"![kNN accuracy against {key}]({name})",
+                "",
+                f"*Final kNN accuracy against `{key}`, one line per method (mean over runs at each value).*",
+                "",
+            ]
+        rows = [
+            (m, [run for run in by_method[m] if run.value(key) == x], x)
+            for m in methods
+            for x in sorted({v for v in (r.value(key) for r in by_method[m]) if v is not None})
+        ]
         lines += [_sweep_table(rows, key), ""]
 
     varying = sum(len({run.num("negatives_per_query") for run in group} - {None}) > 1 for group in by_method.values())
     if varying >= 2:
         # Every method with a negatives figure is drawn, so a single-K method shows as a point beside the sweeps.
-        groups = _by((run for run in runs if run.num("negatives_per_query") is not None),
-                     lambda r: f"{r.method} ({r.metrics.get('negatives') or '?'})")
-        series = {name: _mean_by_value(group, lambda r: r.num("negatives_per_query"))
-                  for name, group in sorted(groups.items())}
+        groups = _by(
+            (run for run in runs if run.num("negatives_per_query") is not None),
+            lambda r: f"{r.method} ({r.metrics.get('negatives') or '?'})",
+        )
+        series = {
+            name: _mean_by_value(group, lambda r: r.num("negatives_per_query"))
+            for name, group in sorted(groups.items())
+        }
         series = {name: points for name, points in series.items() if points}
-        lines += ["### Negatives per query (MoCo paper, Fig. 3)", "",
-                  budget_line([run for group in groups.values() for run in group]), ""]
+        lines += [
+            "### Negatives per query (MoCo paper, Fig. 3)",
+            "",
+            budget_line([run for group in groups.values() for run in group]),
+            "",
+        ]
         if series:
-            plot_lines(series, colors, "negatives per query (log2)", "Accuracy against negatives per query",
-                       out / "negatives_sweep.png", log2=True)
-            lines += ["![accuracy against negatives per query](negatives_sweep.png)", "",
-                      ("*Final kNN accuracy against the number of negatives per query, one line per method and "
-                       "negatives source (log2 x axis), as in Fig. 3 of the MoCo paper.*"), ""]
-        rows = [(name, [run for run in group if run.num("negatives_per_query") == x], x)
-                for name, group in sorted(groups.items())
-                for x in sorted({run.num("negatives_per_query") for run in group} - {None})]
+            plot_lines(
+                series,
+                colors,
+                "negatives per query (log2)",
+                "Accuracy against negatives per query",
+                out / "negatives_sweep.png",
+                log2=True,
+            )
+            lines += [
+                "![accuracy against negatives per query](negatives_sweep.png)",
+                "",
+                (
+                    "*Final kNN accuracy against the number of negatives per query, one line per method and "
+                    "negatives source (log2 x axis), as in Fig. 3 of the MoCo paper.*"
+                ),
+                "",
+            ]
+        rows = [
+            (name, [run for run in group if run.num("negatives_per_query") == x], x)
+            for name, group in sorted(groups.items())
+            for x in sorted({run.num("negatives_per_query") for run in group} - {None})
+        ]
         lines += [_sweep_table(rows, "negatives/query"), ""]
     return lines
 
@@ -123,13 +167,13 @@ def sweeps_section(runs: list[Run], swept: dict[str, list[str]], out: Path) -> l
 class Report:
     """A written report as data: what notebooks and scripts read instead of parsing the markdown."""
 
-    path: Path                  # comparison.md
+    path: Path  # comparison.md
     runs: list[Run]
     groups: dict[str, list[Run]]  # label -> the runs that differ only in seed
-    runs_table: str             # markdown
-    groups_table: str           # markdown
+    runs_table: str  # markdown
+    groups_table: str  # markdown
     claims: list[Claim]
-    target: float | None        # the time-to-accuracy target (kNN %)
+    target: float | None  # the time-to-accuracy target (kNN %)
     plots: list[Path]
 
 
@@ -151,22 +195,53 @@ def build_report(root: Path, out: Path | None = None, target: float | None = Non
     target = accuracy_target(runs) if target is None else target
     claims = survey_claims(runs)
 
-    lines = [f"# Comparison of {len(runs)} runs in `{root}`", "", "## Runs", "", table, "", baselines_line(runs), "",
-             budget_line(runs), "",
-             ("Accuracies in percent; staleness is the mean cosine between stored keys and the same images "
-              "re-encoded now (1 = fresh); false-negative rate is a fraction; '-' = not recorded by that run."), "",
-             "## Groups", "", ("Runs that differ only in `seed` form a group: mean ± half-width of the 95% interval "
-                               "(Student's t), n runs."), "", group_table, "", "## Plots", ""]
+    lines = [
+        f"# Comparison of {len(runs)} runs in `{root}`",
+        "",
+        "## Runs",
+        "",
+        table,
+        "",
+        baselines_line(runs),
+        "",
+        budget_line(runs),
+        "",
+        (
+            "Accuracies in percent; staleness is the mean cosine between stored keys and the same images "
+            "re-encoded now (1 = fresh); false-negative rate is a fraction; '-' = not recorded by that run."
+        ),
+        "",
+        "## Groups",
+        "",
+        ("Runs that differ only in `seed` form a group: mean ± half-width of the 95% interval (Student's t), n runs."),
+        "",
+        group_table,
+        "",
+        "## Plots",
+        "",
+    ]
     plots = [
-        ("knn_per_epoch.png", lambda p: plot_knn_per_epoch(runs, labels, p),
-         "kNN accuracy on the validation set after each epoch, one line per run (method and swept values).",
-         "no run has a per-epoch kNN history"),
-        ("acc_vs_negatives.png", lambda p: plot_acc_vs_negatives(runs, p),
-         ("Final kNN accuracy against negatives per query (log x), one marker per method; runs without negatives "
-          "(SwAV) are left out."), "no run has both negatives_per_query and knn_acc"),
-        ("throughput_memory.png", lambda p: plot_throughput_memory(runs, labels, p),
-         "Training throughput (images/s, left) and peak memory (MB, right) per run.",
-         "no run has images_per_sec or peak_mem_mb"),
+        (
+            "knn_per_epoch.png",
+            lambda p: plot_knn_per_epoch(runs, labels, p),
+            "kNN accuracy on the validation set after each epoch, one line per run (method and swept values).",
+            "no run has a per-epoch kNN history",
+        ),
+        (
+            "acc_vs_negatives.png",
+            lambda p: plot_acc_vs_negatives(runs, p),
+            (
+                "Final kNN accuracy against negatives per query (log x), one marker per method; runs without negatives "
+                "(SwAV) are left out."
+            ),
+            "no run has both negatives_per_query and knn_acc",
+        ),
+        (
+            "throughput_memory.png",
+            lambda p: plot_throughput_memory(runs, labels, p),
+            "Training throughput (images/s, left) and peak memory (MB, right) per run.",
+            "no run has images_per_sec or peak_mem_mb",
+        ),
     ]
     for name, draw, caption, missing in plots:
         if draw(out / name):
@@ -183,12 +258,18 @@ def build_report(root: Path, out: Path | None = None, target: float | None = Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m contrastive.report",
-                                     description="Compare the runs below DIR: markdown table, plots, survey claims.")
+    parser = argparse.ArgumentParser(
+        prog="python -m contrastive.report",
+        description="Compare the runs below DIR: markdown table, plots, survey claims.",
+    )
     parser.add_argument("dir", type=Path, help="a Hydra multirun folder, or any folder of run folders")
     parser.add_argument("--out", type=Path, default=None, help="where to write comparison.md and plots (default DIR)")
-    parser.add_argument("--target", type=float, default=None,
-                        help="kNN accuracy (%%) for the time-to-accuracy table (default: the lowest every run reaches)")
+    parser.add_argument(
+        "--target",
+        type=float,
+        default=None,
+        help="kNN accuracy (%%) for the time-to-accuracy table (default: the lowest every run reaches)",
+    )
     args = parser.parse_args(argv)
     try:
         report = build_report(args.dir, args.out, args.target)

@@ -57,21 +57,28 @@ def _overall(verdicts: list[str], n: list[tuple[int, int]]) -> str:
     return within_noise([k for pair in n for k in pair])
 
 
-_TEST = (f"Welch's t-test over the runs (seeds) of each group, two-sided at {ALPHA:g}: 'holds' or 'does not hold' "
-         "only when the difference is beyond the noise, otherwise 'within noise' (no test with one run per group)")
+_TEST = (
+    f"Welch's t-test over the runs (seeds) of each group, two-sided at {ALPHA:g}: 'holds' or 'does not hold' "
+    "only when the difference is beyond the noise, otherwise 'within noise' (no test with one run per group)"
+)
 
 
 def claim_batch_size(runs: list[Run]) -> Claim:
-    by_batch = _by((r for r in _family(runs, "end-to-end") if r.num("global_batch_size") is not None),
-                   lambda r: r.num("global_batch_size"))
+    by_batch = _by(
+        (r for r in _family(runs, "end-to-end") if r.num("global_batch_size") is not None),
+        lambda r: r.num("global_batch_size"),
+    )
     rule = f"kNN of end-to-end runs at the largest batch > at the smallest batch; {_TEST}"
     statement = "End-to-end training (SimCLR, in-batch negatives) gets more accurate as the batch grows."
     batches = sorted(b for b in by_batch if _values(by_batch[b], "knn_acc"))
     if len(batches) < 2:
         return Claim("a", statement, rule, UNMEASURED, "needs end-to-end runs at two or more batch sizes")
     test = compare(_values(by_batch[batches[-1]], "knn_acc"), _values(by_batch[batches[0]], "knn_acc"))
-    evidence = ("kNN by batch: " + ", ".join(f"{b:g}: {summarize(_values(by_batch[b], 'knn_acc'))}" for b in batches)
-                + f"; largest - smallest: {test}")
+    evidence = (
+        "kNN by batch: "
+        + ", ".join(f"{b:g}: {summarize(_values(by_batch[b], 'knn_acc'))}" for b in batches)
+        + f"; largest - smallest: {test}"
+    )
     return Claim("a", statement, rule, test.verdict, evidence)
 
 
@@ -80,29 +87,38 @@ def claim_staleness(runs: list[Run]) -> Claim:
     statement = "The memory bank's stored keys are staler (less consistent with the current encoder) than MoCo's queue."
     bank_runs, queue_runs = _family(runs, "memory bank"), _family(runs, "momentum queue")
     if _values(bank_runs, "drift") and _values(queue_runs, "drift"):
-        rule = ("encoder drift (1 - cosine between a stored key's eval-mode encoding when written and now, on the same "
-                f"view) of memory-bank runs > of MoCo runs; {_TEST}")
+        rule = (
+            "encoder drift (1 - cosine between a stored key's eval-mode encoding when written and now, on the same "
+            f"view) of memory-bank runs > of MoCo runs; {_TEST}"
+        )
         bank, queue = _values(bank_runs, "drift"), _values(queue_runs, "drift")
         test = compare(bank, queue)
         regime = "; ".join(
             f"{name}: keys {summarize(_values(group, 'drift_age_epochs')).mean:.2f} epochs old, dictionary / data "
             f"{summarize(_values(group, 'dictionary_ratio')).mean:.2f}"
             for name, group in (("memory bank", bank_runs), ("MoCo", queue_runs))
-            if _values(group, "drift_age_epochs") and _values(group, "dictionary_ratio"))
-        evidence = (f"drift: memory bank {summarize(bank).mean:.4f} (n={len(bank)}), MoCo {summarize(queue).mean:.4f} "
-                    f"(n={len(queue)}); bank - MoCo: {test.diff:+.4f}, {str(test).split(', ', 1)[1]}"
-                    + (f"; regime: {regime}" if regime else ""))
+            if _values(group, "drift_age_epochs") and _values(group, "dictionary_ratio")
+        )
+        evidence = (
+            f"drift: memory bank {summarize(bank).mean:.4f} (n={len(bank)}), MoCo {summarize(queue).mean:.4f} "
+            f"(n={len(queue)}); bank - MoCo: {test.diff:+.4f}, {str(test).split(', ', 1)[1]}"
+            + (f"; regime: {regime}" if regime else "")
+        )
         return Claim("b", statement, rule, test.verdict, evidence)
-    rule = ("staleness cosine of MoCo runs > that of memory-bank runs (1 = fresh; the cosine also counts the "
-            "augmentation and training-mode batch norm behind each stored key, not only encoder drift: runs that "
-            f"record `drift` are judged on it instead); {_TEST}")
+    rule = (
+        "staleness cosine of MoCo runs > that of memory-bank runs (1 = fresh; the cosine also counts the "
+        "augmentation and training-mode batch norm behind each stored key, not only encoder drift: runs that "
+        f"record `drift` are judged on it instead); {_TEST}"
+    )
     bank, queue = _values(bank_runs, "staleness"), _values(queue_runs, "staleness")
     if not bank or not queue:
         return Claim("b", statement, rule, UNMEASURED, "needs drift or staleness from memory-bank and MoCo runs")
     test = compare(queue, bank)
     bank_s, queue_s = summarize(bank), summarize(queue)
-    evidence = (f"memory bank {bank_s.mean:.3f} (n={bank_s.n}), MoCo {queue_s.mean:.3f} (n={queue_s.n}); "
-                f"MoCo - bank: {test.diff:+.3f}, {str(test).split(', ', 1)[1]}")
+    evidence = (
+        f"memory bank {bank_s.mean:.3f} (n={bank_s.n}), MoCo {queue_s.mean:.3f} (n={queue_s.n}); "
+        f"MoCo - bank: {test.diff:+.3f}, {str(test).split(', ', 1)[1]}"
+    )
     return Claim("b", statement, rule, test.verdict, evidence)
 
 
@@ -131,13 +147,17 @@ def claim_more_negatives(runs: list[Run]) -> Claim:
     rule = f"for every method whose runs differ in negatives/query: kNN at the largest K > at the smallest K; {_TEST}"
     parts, verdicts, ns = [], [], []
     for method, group in sorted(_by(runs, lambda r: r.method).items()):
-        by_k = _by((r for r in group if r.num("negatives_per_query") is not None and r.num("knn_acc") is not None),
-                   lambda r: r.num("negatives_per_query"))
+        by_k = _by(
+            (r for r in group if r.num("negatives_per_query") is not None and r.num("knn_acc") is not None),
+            lambda r: r.num("negatives_per_query"),
+        )
         if len(by_k) >= 2:
             k0, k1 = min(by_k), max(by_k)
             test = compare(_values(by_k[k1], "knn_acc"), _values(by_k[k0], "knn_acc"))
-            parts.append(f"{method}: K={k0:g} {summarize(_values(by_k[k0], 'knn_acc'))} -> "
-                         f"K={k1:g} {summarize(_values(by_k[k1], 'knn_acc'))} ({test})")
+            parts.append(
+                f"{method}: K={k0:g} {summarize(_values(by_k[k0], 'knn_acc'))} -> "
+                f"K={k1:g} {summarize(_values(by_k[k1], 'knn_acc'))} ({test})"
+            )
             verdicts.append(test.verdict)
             ns.append(test.n)
     if not verdicts:
@@ -148,35 +168,49 @@ def claim_more_negatives(runs: list[Run]) -> Claim:
 def _compare_best(runs: list[Run], a: tuple[str, ...], b: tuple[str, ...], margin: float = 0.0):
     """Per shared setting: the best group of families ``a`` against the best of ``b`` (kNN)."""
     best_a, best_b = _best_group_per_setting(runs, a), _best_group_per_setting(runs, b)
-    return [(s, compare(_values(best_a[s], "knn_acc"), _values(best_b[s], "knn_acc"), margin),
-             summarize(_values(best_a[s], "knn_acc")), summarize(_values(best_b[s], "knn_acc")))
-            for s in sorted(set(best_a) & set(best_b))]
+    return [
+        (
+            s,
+            compare(_values(best_a[s], "knn_acc"), _values(best_b[s], "knn_acc"), margin),
+            summarize(_values(best_a[s], "knn_acc")),
+            summarize(_values(best_b[s], "knn_acc")),
+        )
+        for s in sorted(set(best_a) & set(best_b))
+    ]
 
 
 def claim_moco_vs_bank(runs: list[Run]) -> Claim:
     statement = "MoCo is at least as accurate as the memory bank at comparable settings (MoCo paper, Fig. 3)."
-    rule = ("best MoCo group's kNN > best memory-bank group's, among runs with the same data, backbone and epochs; "
-            + _TEST)
+    rule = (
+        "best MoCo group's kNN > best memory-bank group's, among runs with the same data, backbone and epochs; " + _TEST
+    )
     tests = _compare_best(runs, ("momentum queue",), ("memory bank",))
     if not tests:
         return Claim("e", statement, rule, UNMEASURED, "needs MoCo and memory-bank runs with the same setting")
     evidence = "; ".join(f"{_setting_name(s)}: MoCo {a} vs memory bank {b} ({t})" for s, t, a, b in tests)
-    return Claim("e", statement, rule, _overall([t.verdict for _, t, _, _ in tests], [t.n for _, t, _, _ in tests]),
-                 evidence)
+    return Claim(
+        "e", statement, rule, _overall([t.verdict for _, t, _, _ in tests], [t.n for _, t, _, _ in tests]), evidence
+    )
 
 
 def claim_clustering(runs: list[Run]) -> Claim:
-    statement = ("Clustering (SwAV) reaches accuracy comparable to the instance-contrastive methods without any "
-                 "explicit negatives.")
-    rule = (f"best SwAV group's kNN + {SWAV_MARGIN:g} points > best instance-contrastive group's, among runs with "
-            f"the same data, backbone and epochs; {_TEST}")
+    statement = (
+        "Clustering (SwAV) reaches accuracy comparable to the instance-contrastive methods without any "
+        "explicit negatives."
+    )
+    rule = (
+        f"best SwAV group's kNN + {SWAV_MARGIN:g} points > best instance-contrastive group's, among runs with "
+        f"the same data, backbone and epochs; {_TEST}"
+    )
     tests = _compare_best(runs, ("clustering",), _INSTANCE_FAMILIES, SWAV_MARGIN)
     if not tests:
         return Claim("f", statement, rule, UNMEASURED, "needs SwAV and instance-contrastive runs with the same setting")
-    evidence = "; ".join(f"{_setting_name(s)}: SwAV {a} vs best instance {b} (with the margin: {t})"
-                         for s, t, a, b in tests)
-    return Claim("f", statement, rule, _overall([t.verdict for _, t, _, _ in tests], [t.n for _, t, _, _ in tests]),
-                 evidence)
+    evidence = "; ".join(
+        f"{_setting_name(s)}: SwAV {a} vs best instance {b} (with the margin: {t})" for s, t, a, b in tests
+    )
+    return Claim(
+        "f", statement, rule, _overall([t.verdict for _, t, _, _ in tests], [t.n for _, t, _, _ in tests]), evidence
+    )
 
 
 def claim_learned(runs: list[Run]) -> Claim:
@@ -191,8 +225,10 @@ def claim_learned(runs: list[Run]) -> Claim:
 
 
 def claim_later_stages(runs: list[Run]) -> Claim:
-    statement = ("Features from later stages of the encoder serve better than earlier ones (the survey: res5 against "
-                 "res2 to res4).")
+    statement = (
+        "Features from later stages of the encoder serve better than earlier ones (the survey: res5 against "
+        "res2 to res4)."
+    )
     rule = f"per group, kNN of the last encoder stage > of the first (`eval.stages=true`); {_TEST}"
     parts, verdicts, ns = [], [], []
     for label, group in run_groups(runs, swept_keys(runs)).items():
@@ -202,8 +238,11 @@ def claim_later_stages(runs: list[Run]) -> Claim:
         first, last = (_values(group, f"stage_{name}_knn_acc") for name in (names[0], names[-1]))
         if first and last:
             test = compare(last, first)
-            by_stage = ", ".join(f"{name} {summarize(_values(group, f'stage_{name}_knn_acc')).mean:.1f}"
-                                 for name in names if _values(group, f"stage_{name}_knn_acc"))
+            by_stage = ", ".join(
+                f"{name} {summarize(_values(group, f'stage_{name}_knn_acc')).mean:.1f}"
+                for name in names
+                if _values(group, f"stage_{name}_knn_acc")
+            )
             parts.append(f"{label}: {by_stage} ({names[-1]} - {names[0]}: {test})")
             verdicts.append(test.verdict)
             ns.append(test.n)
@@ -213,17 +252,36 @@ def claim_later_stages(runs: list[Run]) -> Claim:
 
 
 def survey_claims(runs: list[Run]) -> list[Claim]:
-    checks = [claim_batch_size, claim_staleness, claim_decoupled, claim_more_negatives, claim_moco_vs_bank,
-              claim_clustering, claim_learned, claim_later_stages]
+    checks = [
+        claim_batch_size,
+        claim_staleness,
+        claim_decoupled,
+        claim_more_negatives,
+        claim_moco_vs_bank,
+        claim_clustering,
+        claim_learned,
+        claim_later_stages,
+    ]
     return [check(runs) for check in checks]
 
 
 def claims_section(claims: list[Claim]) -> list[str]:
-    lines = ["## Survey claims", "",
-             ('Claims from "A survey on contrastive self-supervised learning" (Jaiswal et al.) and the MoCo paper, '
-              "checked against the runs above. Families: end-to-end = negatives from the batch (SimCLR), memory bank "
-              "(NPID), momentum queue (MoCo), clustering (SwAV). kNN accuracies in percent."), ""]
+    lines = [
+        "## Survey claims",
+        "",
+        (
+            'Claims from "A survey on contrastive self-supervised learning" (Jaiswal et al.) and the MoCo paper, '
+            "checked against the runs above. Families: end-to-end = negatives from the batch (SimCLR), memory bank "
+            "(NPID), momentum queue (MoCo), clustering (SwAV). kNN accuracies in percent."
+        ),
+        "",
+    ]
     for claim in claims:
-        lines += [(f"**{claim.letter}) {claim.statement}** Verdict: **{claim.verdict}**. "
-                   f"Rule: {claim.rule}. Numbers: {claim.evidence}."), ""]
+        lines += [
+            (
+                f"**{claim.letter}) {claim.statement}** Verdict: **{claim.verdict}**. "
+                f"Rule: {claim.rule}. Numbers: {claim.evidence}."
+            ),
+            "",
+        ]
     return lines

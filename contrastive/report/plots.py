@@ -44,16 +44,27 @@ def plot_knn_per_epoch(runs: list[Run], labels: dict[str, str], path: Path) -> b
     colors, fig = _colors(runs), Figure(figsize=(7.5, 4.5))
     ax, drawn, seen = fig.subplots(), False, defaultdict(int)
     for run in runs:
-        points = [(rec["epoch"], rec["knn_acc"]) for rec in run.metrics.get("history") or []
-                  if isinstance(rec, dict) and _as_float(rec.get("epoch")) is not None
-                  and _as_float(rec.get("knn_acc")) is not None]
+        points = [
+            (rec["epoch"], rec["knn_acc"])
+            for rec in run.metrics.get("history") or []
+            if isinstance(rec, dict)
+            and _as_float(rec.get("epoch")) is not None
+            and _as_float(rec.get("knn_acc")) is not None
+        ]
         if not points:
             continue
         i = seen[run.method]
         seen[run.method] += 1
         # History epochs are 0-based (recorded during the epoch); +1 counts epochs completed, as the table does.
-        ax.plot([e + 1 for e, _ in points], [a for _, a in points], color=colors[run.method], label=labels[run.name],
-                linestyle=_LINESTYLES[i % len(_LINESTYLES)], marker=_MARKERS[i % len(_MARKERS)], markersize=3)
+        ax.plot(
+            [e + 1 for e, _ in points],
+            [a for _, a in points],
+            color=colors[run.method],
+            label=labels[run.name],
+            linestyle=_LINESTYLES[i % len(_LINESTYLES)],
+            marker=_MARKERS[i % len(_MARKERS)],
+            markersize=3,
+        )
         drawn = True
     if not drawn:
         return False
@@ -73,8 +84,14 @@ def plot_time_to_accuracy(runs: list[Run], target: float, path: Path) -> bool:
         curve = knn_curve(run)
         if not curve:
             continue
-        left.plot([c[0] for c in curve], [c[2] for c in curve], color=colors[run.method], marker="o", markersize=2,
-                  label=run.method if not drawn or run.method not in left.get_legend_handles_labels()[1] else None)
+        left.plot(
+            [c[0] for c in curve],
+            [c[2] for c in curve],
+            color=colors[run.method],
+            marker="o",
+            markersize=2,
+            label=run.method if not drawn or run.method not in left.get_legend_handles_labels()[1] else None,
+        )
         timed = [(c[1], c[2]) for c in curve if c[1] is not None]
         if timed:
             right.plot(*zip(*timed), color=colors[run.method], marker="o", markersize=2)
@@ -105,8 +122,11 @@ def plot_acc_vs_negatives(runs: list[Run], path: Path) -> bool:
     if not xs:
         return False
     _set_log2(ax)
-    ax.set(xlabel="negatives per query (log scale)", ylabel="final kNN accuracy (%)",
-           title="Accuracy against the number of negatives")
+    ax.set(
+        xlabel="negatives per query (log scale)",
+        ylabel="final kNN accuracy (%)",
+        title="Accuracy against the number of negatives",
+    )
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     _save(fig, path)
@@ -121,8 +141,11 @@ def plot_throughput_memory(runs: list[Run], labels: dict[str, str], path: Path) 
     fig = Figure(figsize=(11, 0.4 * len(runs) + 1.5))
     for ax, (key, title, unit) in zip(fig.subplots(1, 2), panels):
         shown = [run for run in runs if run.num(key) is not None]
-        bars = ax.barh([labels[run.name] for run in shown], [run.num(key) for run in shown],
-                       color=[colors[run.method] for run in shown])
+        bars = ax.barh(
+            [labels[run.name] for run in shown],
+            [run.num(key) for run in shown],
+            color=[colors[run.method] for run in shown],
+        )
         ax.bar_label(bars, fmt="%.0f", fontsize=7, padding=2)
         ax.invert_yaxis()  # first run on top, as in the table
         ax.set(xlabel=unit, title=title)
@@ -133,14 +156,26 @@ def plot_throughput_memory(runs: list[Run], labels: dict[str, str], path: Path) 
     return True
 
 
-def plot_lines(series: dict[str, list[tuple[float, float]]], colors: dict[str, Any], xlabel: str, title: str,
-               path: Path, log2: bool = False) -> None:
+def plot_lines(
+    series: dict[str, list[tuple[float, float]]],
+    colors: dict[str, Any],
+    xlabel: str,
+    title: str,
+    path: Path,
+    log2: bool = False,
+) -> None:
     """One line per series of (x, accuracy) points; log2 x if asked or where the values span a wide range."""
     fig = Figure(figsize=(6.5, 4.5))
     ax = fig.subplots()
     for i, (name, points) in enumerate(series.items()):
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker=_MARKERS[i % len(_MARKERS)],
-                color=colors.get(name.split(" ")[0]), linestyle=_LINESTYLES[i % len(_LINESTYLES)], label=name)
+        ax.plot(
+            [p[0] for p in points],
+            [p[1] for p in points],
+            marker=_MARKERS[i % len(_MARKERS)],
+            color=colors.get(name.split(" ")[0]),
+            linestyle=_LINESTYLES[i % len(_LINESTYLES)],
+            label=name,
+        )
     xs = [p[0] for points in series.values() for p in points]
     if log2 and min(xs) > 0:
         _set_log2(ax)

@@ -16,10 +16,18 @@ import yaml
 
 # Override keys that name the run rather than a hyperparameter of it; runs differing only in `seed` are one group.
 _IGNORED_KEYS = ("method", "output_dir", "ckpt_path", "resume", "seed")
-_FAMILY_BY_NEGATIVES = {"batch": "end-to-end", "bank": "memory bank", "queue": "momentum queue",
-                        "prototypes": "clustering"}
-_FAMILY_BY_METHOD = {"simclr": "end-to-end", "memory_bank": "memory bank", "moco": "momentum queue",
-                     "swav": "clustering"}
+_FAMILY_BY_NEGATIVES = {
+    "batch": "end-to-end",
+    "bank": "memory bank",
+    "queue": "momentum queue",
+    "prototypes": "clustering",
+}
+_FAMILY_BY_METHOD = {
+    "simclr": "end-to-end",
+    "memory_bank": "memory bank",
+    "moco": "momentum queue",
+    "swav": "clustering",
+}
 _INSTANCE_FAMILIES = ("end-to-end", "memory bank", "momentum queue")
 
 

@@ -18,13 +18,27 @@ def _fmt(value: Any, digits: int | None) -> str:
 
 # (header, metrics key, decimals or None for text)
 COLUMNS: list[tuple[str, str, int | None]] = [
-    ("method", "method", None), ("backbone", "backbone", None), ("data", "data", None), ("epochs", "epochs", 0),
-    ("batch", "global_batch_size", 0), ("negatives/query", "negatives_per_query", 0), ("kNN", "knn_acc", 1),
-    ("1-shot kNN", "knn_acc_1shot", 1), ("10-shot kNN", "knn_acc_10shot", 1), ("linear (online)", "linear_acc", 1),
-    ("offline linear", "offline_linear_acc", 1), ("staleness", "staleness", 3), ("drift", "drift", 4),
-    ("key age (epochs)", "drift_age_epochs", 2), ("dictionary / data", "dictionary_ratio", 2),
-    ("false-neg. rate", "false_negative_rate", 3), ("alignment", "alignment", 3), ("uniformity", "uniformity", 3),
-    ("images/s", "images_per_sec", 0), ("peak mem (MB)", "peak_mem_mb", 0), ("time (s)", "train_time_s", 1),
+    ("method", "method", None),
+    ("backbone", "backbone", None),
+    ("data", "data", None),
+    ("epochs", "epochs", 0),
+    ("batch", "global_batch_size", 0),
+    ("negatives/query", "negatives_per_query", 0),
+    ("kNN", "knn_acc", 1),
+    ("1-shot kNN", "knn_acc_1shot", 1),
+    ("10-shot kNN", "knn_acc_10shot", 1),
+    ("linear (online)", "linear_acc", 1),
+    ("offline linear", "offline_linear_acc", 1),
+    ("staleness", "staleness", 3),
+    ("drift", "drift", 4),
+    ("key age (epochs)", "drift_age_epochs", 2),
+    ("dictionary / data", "dictionary_ratio", 2),
+    ("false-neg. rate", "false_negative_rate", 3),
+    ("alignment", "alignment", 3),
+    ("uniformity", "uniformity", 3),
+    ("images/s", "images_per_sec", 0),
+    ("peak mem (MB)", "peak_mem_mb", 0),
+    ("time (s)", "train_time_s", 1),
 ]
 
 
@@ -35,14 +49,21 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def runs_table(runs: list[Run]) -> str:
-    rows = [[f"`{_fmt(run.name, None)}`", *(_fmt(run.metrics.get(key), digits) for _, key, digits in COLUMNS)]
-            for run in runs]
+    rows = [
+        [f"`{_fmt(run.name, None)}`", *(_fmt(run.metrics.get(key), digits) for _, key, digits in COLUMNS)]
+        for run in runs
+    ]
     return _md_table(["run", *(header for header, _, _ in COLUMNS)], rows)
 
 
-GROUP_COLUMNS = [("kNN", "knn_acc"), ("1-shot kNN", "knn_acc_1shot"), ("10-shot kNN", "knn_acc_10shot"),
-                 ("linear (online)", "linear_acc"), ("offline linear", "offline_linear_acc"),
-                 ("time (s)", "train_time_s")]
+GROUP_COLUMNS = [
+    ("kNN", "knn_acc"),
+    ("1-shot kNN", "knn_acc_1shot"),
+    ("10-shot kNN", "knn_acc_10shot"),
+    ("linear (online)", "linear_acc"),
+    ("offline linear", "offline_linear_acc"),
+    ("time (s)", "train_time_s"),
+]
 
 
 def groups_table(groups: dict[str, list[Run]]) -> str:
@@ -77,8 +98,11 @@ def budget_line(runs: list[Run]) -> str:
 def baselines_line(runs: list[Run]) -> str:
     """Raw-pixel kNN (from the first run that measured it) and each method's random-init 1-shot kNN."""
     parts = []
-    pixel_keys = [("kNN", "pixels_knn_acc"), ("1-shot kNN", "pixels_knn_acc_1shot"),
-                  ("10-shot kNN", "pixels_knn_acc_10shot")]
+    pixel_keys = [
+        ("kNN", "pixels_knn_acc"),
+        ("1-shot kNN", "pixels_knn_acc_1shot"),
+        ("10-shot kNN", "pixels_knn_acc_10shot"),
+    ]
     source = next((run for run in runs if any(run.num(key) is not None for _, key in pixel_keys)), None)
     if source is not None:
         figures = ", ".join(f"{name} {_fmt(source.metrics.get(key), 1)}" for name, key in pixel_keys)

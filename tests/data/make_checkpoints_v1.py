@@ -1,4 +1,4 @@
-"""Writes the small checkpoints in ``checkpoints_v1/`` that ``tests/test_checkpoint_compat.py`` resumes: one per
+"""Writes the small checkpoints in ``checkpoints_v1/`` that ``tests/methods/test_checkpoint_compat.py`` resumes: one per
 method, and two cells of the design space with a momentum key encoder (bank, batch), each trained for one short
 epoch on digits with a tiny backbone. They were written by commit 1dbae36 (the code before the methods were split
 into one module per strategy and per source of negatives); re-running this script with later code writes files
@@ -22,9 +22,22 @@ from conftest import make_cfg  # noqa: E402
 from contrastive.train import train  # noqa: E402
 
 # digits, a 4-wide CNN, 16-d embeddings, two steps of 16 images: each file a few hundred KB at most
-TINY = ["data=digits", "data.batch_size=16", "backbone.width=4", "method.proj_hidden_dim=16", "method.proj_out_dim=8",
-        "method.probe_size=16", "trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
-        "trainer.deterministic=true", "eval.init=false", "eval.pixels=false", "eval.final=false", "logger=none"]
+TINY = [
+    "data=digits",
+    "data.batch_size=16",
+    "backbone.width=4",
+    "method.proj_hidden_dim=16",
+    "method.proj_out_dim=8",
+    "method.probe_size=16",
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=2",
+    "trainer.limit_val_batches=1",
+    "trainer.deterministic=true",
+    "eval.init=false",
+    "eval.pixels=false",
+    "eval.final=false",
+    "logger=none",
+]
 RUNS = {
     "simclr": ["method=simclr"],
     "moco": ["method=moco", "method.queue_size=64"],

@@ -23,10 +23,23 @@ import contrastive.methods as methods  # noqa: E402
 from contrastive.train import train  # noqa: E402
 
 STEPS = 4
-TINY = ["data=digits", "data.batch_size=16", "backbone.width=4", "method.proj_hidden_dim=16", "method.proj_out_dim=8",
-        "method.probe_size=16", "trainer.max_epochs=1", f"trainer.limit_train_batches={STEPS}",
-        "trainer.limit_val_batches=1", "trainer.deterministic=true", "eval.init=false", "eval.pixels=false",
-        "eval.final=false", "logger=none", "trainer.enable_progress_bar=false"]
+TINY = [
+    "data=digits",
+    "data.batch_size=16",
+    "backbone.width=4",
+    "method.proj_hidden_dim=16",
+    "method.proj_out_dim=8",
+    "method.probe_size=16",
+    "trainer.max_epochs=1",
+    f"trainer.limit_train_batches={STEPS}",
+    "trainer.limit_val_batches=1",
+    "trainer.deterministic=true",
+    "eval.init=false",
+    "eval.pixels=false",
+    "eval.final=false",
+    "logger=none",
+    "trainer.enable_progress_bar=false",
+]
 RUNS = {
     "simclr": ["method=simclr"],
     "moco": ["method=moco", "method.queue_size=32"],

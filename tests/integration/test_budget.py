@@ -1,0 +1,60 @@
+"""Equal-step sweeps: every point of experiment=negatives_sweep_steps takes the same number of optimiser steps,
+whatever its batch, and its schedule spans exactly those steps with the warm-up still counted in epochs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import build, fit, make_cfg
+
+from contrastive.train import train
+
+POINTS = ["e2e_32", "e2e_128", "e2e_512", "bank_64", "bank_4096", "moco_64", "moco_4096"]
+
+
+@pytest.mark.parametrize("point", POINTS)
+def test_every_point_of_the_equal_step_sweep_schedules_the_same_steps(point):
+    cfg = make_cfg(["experiment=negatives_sweep_steps", f"+nsweep={point}"], fast=False)
+    assert (cfg.trainer.max_steps, cfg.trainer.max_epochs) == (1250, -1)
+    equal_epochs = make_cfg(["experiment=negatives_sweep", f"+nsweep={point}"], fast=False)
+    assert equal_epochs.trainer.max_epochs == 20 and equal_epochs.trainer.max_steps == -1
+
+
+@pytest.mark.parametrize("batch", [16, 64])
+def test_a_step_budget_trains_that_many_steps_with_the_warmup_in_epochs(tmp_path, batch):
+    from lightning.pytorch.callbacks import Callback
+
+    steps = 6
+    overrides = [
+        f"data.batch_size={batch}",
+        "trainer.max_epochs=-1",
+        f"trainer.max_steps={steps}",
+        "optim.warmup_epochs=1",
+        "eval.init=false",
+        "eval.pixels=false",
+        "eval.final=false",
+    ]
+    train(make_cfg(overrides, tmp_path=tmp_path))
+    assert json.loads((tmp_path / "metrics.json").read_text())["global_steps"] == steps
+
+    class LearningRates(Callback):
+        def __init__(self):
+            self.lrs: list[float] = []
+
+        def on_train_batch_start(self, trainer, *args):
+            self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    model, dm = build(make_cfg(overrides))
+    per_epoch = len(dm.train_dataloader())
+    assert per_epoch == 205 // batch  # 205 of the 256 synthetic images train, last partial batch dropped
+    record = LearningRates()
+    fit(model, dm, [record], max_epochs=-1, max_steps=steps)
+    lrs = record.lrs
+    assert len(lrs) == steps
+    # the warm-up lasts one real epoch (per_epoch steps), then the cosine decays to the end of the step budget
+    # (the rate reaches its peak at the warm-up's last step, per_epoch - 1)
+    rising = lrs[: min(per_epoch, steps)]
+    assert all(a < b for a, b in zip(rising, rising[1:]))
+    if per_epoch < steps:
+        assert lrs.index(max(lrs)) == per_epoch - 1 and lrs[-1] < max(lrs)

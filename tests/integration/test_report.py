@@ -1,0 +1,458 @@
+"""The report on fabricated run folders: table numbers, plots, sweep detection, claim verdicts, CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO
+from matplotlib.image import imread
+
+from contrastive.report import (
+    FAILS,
+    HOLDS,
+    UNMEASURED,
+    NoRunsError,
+    Run,
+    build_report,
+    load_runs,
+    main,
+    run_labels,
+    survey_claims,
+    swept_keys,
+)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+COMMON = {
+    "data": "digits",
+    "backbone": "small_cnn",
+    "epochs": 3,
+    "global_batch_size": 128,
+    "pixels_knn_acc": 88.25,
+    "pixels_knn_acc_1shot": 41.5,
+    "pixels_knn_acc_10shot": 70.0,
+}
+
+
+def history(final_knn: float) -> list[dict]:
+    return [{"epoch": e, "step": 10 * (e + 1), "loss": 5.0 - e, "knn_acc": final_knn - 10 * (2 - e)} for e in range(3)]
+
+
+def write_run(
+    root: Path,
+    name: str,
+    metrics: dict,
+    overrides: list[str] | None = None,
+    hydra_overrides: list[str] | None = None,
+    config: dict | None = None,
+) -> Path:
+    run = root / name
+    run.mkdir(parents=True)
+    if overrides is not None:
+        metrics = {**metrics, "overrides": overrides}
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    if hydra_overrides is not None:
+        (run / ".hydra").mkdir()
+        (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(hydra_overrides))
+    if config is not None:
+        (run / "config.yaml").write_text(yaml.safe_dump(config))
+    return run
+
+
+def instance_run(method: str, negatives: str, knn: float, k: float, staleness: float | None, **extra) -> dict:
+    return {
+        **COMMON,
+        "method": method,
+        "negatives": negatives,
+        "knn_acc": knn,
+        "knn_acc_1shot": knn / 2,
+        "knn_acc_10shot": knn - 5,
+        "init_knn_acc_1shot": 20.0,
+        "linear_acc": knn + 1.25,
+        "offline_linear_acc": knn + 2,
+        "negatives_per_query": k,
+        "staleness": staleness,
+        "false_negative_rate": 0.0123,
+        "alignment": 0.456,
+        "uniformity": -2.345,
+        "images_per_sec": 1234.56,
+        "peak_mem_mb": 512.4,
+        "train_time_s": 42.25,
+        "history": history(knn),
+        **extra,
+    }
+
+
+@pytest.fixture
+def sweep_dir(tmp_path: Path) -> Path:
+    """Four methods, a MoCo queue sweep (folder order != queue order), a partial run of another method.
+
+    Implied claims: a) one batch size -> not measured; b) bank 0.6 < MoCo 0.9 -> holds; c) MoCo 4096 > SimCLR
+    254 -> holds; d) MoCo 70 at K=256 <= 75 at K=4096 -> holds; e) 75 >= 70 -> holds; f) SwAV 60 < 80 - 5 -> fails;
+    g) every 1-shot kNN (knn/2 >= 30) > 20 -> holds.
+    """
+    root = tmp_path / "multirun"
+    write_run(
+        root, "0_simclr", instance_run("simclr", "batch", 80.0, 254, None), ["method=simclr", "data.batch_size=128"]
+    )
+    write_run(
+        root,
+        "1_memory_bank",
+        instance_run("memory_bank", "bank", 70.0, 4096, 0.6),
+        ["method=memory_bank", "data.batch_size=128"],
+    )
+    # The sweep's default point: no queue override, its value comes from the saved config.
+    write_run(
+        root,
+        "2_moco",
+        instance_run("moco", "queue", 75.0, 4096, 0.9),
+        ["method=moco", "data.batch_size=128"],
+        config={"method": {"name": "moco", "queue_size": 4096}},
+    )
+    write_run(
+        root,
+        "3_moco",
+        instance_run("moco", "queue", 70.0, 256, 0.9),
+        ["method=moco", "data.batch_size=128", "method.queue_size=256", "hydra.job.chdir=true"],
+    )
+    # Overrides only in .hydra/overrides.yaml (an older trainer did not copy them into metrics.json).
+    write_run(
+        root,
+        "4_moco",
+        instance_run("moco", "queue", 72.5, 1024, 0.9),
+        hydra_overrides=["method=moco", "data.batch_size=128", "method.queue_size=1024"],
+    )
+    swav = {
+        **COMMON,
+        "method": "swav",
+        "negatives": "none",
+        "knn_acc": 60.0,
+        "knn_acc_1shot": 30.0,
+        "init_knn_acc_1shot": 22.0,
+        "prototype_entropy": 0.9,
+        "images_per_sec": 900.0,
+        "peak_mem_mb": 600.0,
+        "train_time_s": 50.0,
+        "history": history(60.0),
+    }
+    write_run(root, "5_swav", swav, ["method=swav", "data.batch_size=128"])
+    write_run(root, "6_partial", {"method": "byol", "knn_acc": None, "epochs": 1}, ["method=byol"])
+    return root
+
+
+def table_rows(markdown: str) -> dict[str, dict[str, str]]:
+    """The runs table as {run: {header: cell}}."""
+    lines = markdown.split("## Runs", 1)[1].strip().splitlines()
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    rows = {}
+    for line in lines[2:]:
+        if not line.startswith("|"):
+            break
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        rows[cells[0].strip("`")] = dict(zip(header, cells))
+    return rows
+
+
+def claim_verdicts(markdown: str) -> dict[str, str]:
+    out = {}
+    for line in markdown.split("## Survey claims", 1)[1].splitlines():
+        if line.startswith("**") and "Verdict: **" in line:
+            out[line[2]] = line.split("Verdict: **", 1)[1].split("**", 1)[0]
+    return out
+
+
+def assert_png(path: Path) -> None:
+    assert path.is_file() and path.stat().st_size > 1000, path
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    image = imread(path)
+    assert image.shape[0] > 100 and image.shape[1] > 100
+
+
+def test_table_has_one_row_per_run_with_its_numbers(sweep_dir: Path) -> None:
+    markdown = build_report(sweep_dir).path.read_text()
+    rows = table_rows(markdown)
+    # Sorted by method, then by the swept queue size (256, 1024, 4096), not by folder name.
+    assert list(rows) == ["6_partial", "1_memory_bank", "3_moco", "4_moco", "2_moco", "0_simclr", "5_swav"]
+    moco = rows["4_moco"]
+    assert (moco["method"], moco["backbone"], moco["data"], moco["epochs"], moco["batch"]) == (
+        "moco",
+        "small_cnn",
+        "digits",
+        "3",
+        "128",
+    )
+    assert moco["negatives/query"] == "1,024"
+    assert (moco["kNN"], moco["1-shot kNN"], moco["10-shot kNN"]) == ("72.5", "36.2", "67.5")
+    assert (moco["linear (online)"], moco["offline linear"]) == ("73.8", "74.5")
+    assert (moco["staleness"], moco["false-neg. rate"], moco["alignment"], moco["uniformity"]) == (
+        "0.900",
+        "0.012",
+        "0.456",
+        "-2.345",
+    )
+    assert (moco["images/s"], moco["peak mem (MB)"], moco["time (s)"]) == ("1,235", "512", "42.2")
+    assert rows["0_simclr"]["staleness"] == "-"
+    assert rows["5_swav"]["negatives/query"] == "-" and rows["5_swav"]["kNN"] == "60.0"
+    partial = rows["6_partial"]
+    assert partial["method"] == "byol" and partial["epochs"] == "1"
+    assert all(partial[h] == "-" for h in ("backbone", "batch", "kNN", "linear (online)", "images/s", "time (s)"))
+    assert "Raw pixels (from `1_memory_bank`): kNN 88.2, 1-shot kNN 41.5, 10-shot kNN 70.0." in markdown
+    assert "moco 20.0 (mean of 3)" in markdown and "swav 22.0" in markdown
+
+
+def test_plots_are_valid_pngs_referenced_from_the_markdown(sweep_dir: Path) -> None:
+    markdown = build_report(sweep_dir).path.read_text()
+    for name in ("knn_per_epoch.png", "acc_vs_negatives.png", "throughput_memory.png", "sweep_method.queue_size.png"):
+        assert_png(sweep_dir / name)
+        assert f"]({name})" in markdown
+    # Only MoCo varies its negatives: the Fig. 3 plot needs two methods that do.
+    assert not (sweep_dir / "negatives_sweep.png").exists()
+
+
+def test_sweep_key_detected_with_config_and_hydra_fallbacks(sweep_dir: Path) -> None:
+    runs = load_runs(sweep_dir)
+    swept = swept_keys(runs)
+    assert swept["moco"] == ["method.queue_size"]  # hydra.* ignored, data.batch_size constant
+    assert swept["simclr"] == swept["swav"] == swept["byol"] == []
+    by_name = {run.name: run for run in runs}
+    assert by_name["2_moco"].value("method.queue_size") == 4096.0  # from config.yaml
+    assert by_name["4_moco"].value("method.queue_size") == 1024.0  # from .hydra/overrides.yaml
+    labels = run_labels(runs, swept)
+    assert labels["3_moco"] == "moco queue_size=256" and labels["0_simclr"] == "simclr"
+
+    markdown = build_report(sweep_dir).path.read_text()
+    section = markdown.split("### `method.queue_size`", 1)[1].split("##", 1)[0]
+    assert "| moco | 256 | 1 | 70.0 | 35.0 | 71.2 | 256 |" in section
+    assert "| moco | 4096 | 1 | 75.0 | 37.5 | 76.2 | 4,096 |" in section
+
+
+def seeded(runs: list[Run], jitter: tuple[float, ...] = (-0.2, 0.0, 0.2)) -> list[Run]:
+    """Each run repeated over seeds, its kNN (and staleness, scaled) moved by ``jitter``: groups with known spread."""
+    out = []
+    for run in runs:
+        for seed, shift in enumerate(jitter):
+            metrics = dict(run.metrics)
+            if metrics.get("knn_acc") is not None:
+                metrics["knn_acc"] += shift
+            if metrics.get("staleness") is not None:
+                metrics["staleness"] += shift / 100
+            out.append(Run(f"{run.name}_s{seed}", run.path, metrics, {**run.overrides, "seed": str(seed)}))
+    return out
+
+
+def test_single_runs_give_no_verdict_between_accuracies(sweep_dir: Path) -> None:
+    """One run per configuration: no interval, so comparisons of accuracies are 'within noise', never decided."""
+    verdicts = claim_verdicts(build_report(sweep_dir).path.read_text())
+    assert verdicts == {
+        "a": UNMEASURED,
+        "b": "within noise (n=3/1)",
+        "c": HOLDS,
+        "d": "within noise (n=1/1)",
+        "e": "within noise (n=1/1)",
+        "f": "within noise (n=1/1)",
+        "g": HOLDS,
+        "h": UNMEASURED,
+    }
+
+
+def test_claim_verdicts_follow_seeded_groups(sweep_dir: Path) -> None:
+    """Three seeds per configuration with a spread of 0.2 points: the fixture's differences are beyond the noise."""
+    runs = seeded(load_runs(sweep_dir))
+    verdicts = {claim.letter: claim.verdict for claim in survey_claims(runs)}
+    assert verdicts == {
+        "a": UNMEASURED,
+        "b": HOLDS,
+        "c": HOLDS,
+        "d": HOLDS,
+        "e": HOLDS,
+        "f": FAILS,
+        "g": HOLDS,
+        "h": UNMEASURED,
+    }
+    claim_e = survey_claims(runs)[4]
+    assert "MoCo 75.0 ± 0.5 (n=3) vs memory bank 70.0 ± 0.5 (n=3)" in claim_e.evidence  # t(0.975, 2) 4.303 x 0.2/sqrt 3
+
+
+def test_noisy_seeds_are_within_noise(sweep_dir: Path) -> None:
+    """A spread of 3 points per group: MoCo's 5-point lead over the bank (Welch p 0.11) is not a verdict."""
+    verdicts = {claim.letter: claim.verdict for claim in survey_claims(seeded(load_runs(sweep_dir), (-3, 0, 3)))}
+    assert verdicts["e"] == "within noise (n=3/3)"
+    assert verdicts["f"] == FAILS  # SwAV 60 + 5 against SimCLR's 80 stays beyond that noise
+
+
+def test_flipped_numbers_flip_the_verdicts(sweep_dir: Path) -> None:
+    """A SimCLR batch sweep that loses accuracy, a staler queue, a worse MoCo, SwAV within 5 points, no learning."""
+    runs = load_runs(sweep_dir)
+
+    def edit(name: str, **changes) -> None:
+        run = next(r for r in runs if r.name == name)
+        run.metrics.update(changes)
+
+    runs.append(
+        Run(
+            "7_simclr",
+            sweep_dir,
+            instance_run("simclr", "batch", 78.0, 510, None, global_batch_size=256, knn_acc_1shot=15.0),
+            {"data.batch_size": "256"},
+        )
+    )
+    edit("1_memory_bank", staleness=0.95, knn_acc=76.0)
+    edit("4_moco", negatives_per_query=100)  # the queue's largest K is still 4096 at batch 128
+    edit("2_moco", knn_acc=60.0)  # K=4096 now below K=256 (70.0); MoCo's best is 72.5 < the bank's 76.0
+    edit("5_swav", knn_acc=76.0)  # 4 points below SimCLR's 80.0: within the 5-point margin
+    runs = seeded(runs)
+    verdicts = {claim.letter: claim.verdict for claim in survey_claims(runs)}
+    assert verdicts == {
+        "a": FAILS,
+        "b": FAILS,
+        "c": HOLDS,
+        "d": FAILS,
+        "e": FAILS,
+        "f": HOLDS,
+        "g": FAILS,
+        "h": UNMEASURED,
+    }
+    claim_a = survey_claims(runs)[0]
+    assert "128: 80.0 ± 0.5 (n=3)" in claim_a.evidence and "256: 78.0 ± 0.5 (n=3)" in claim_a.evidence
+
+
+def test_groups_table_and_time_to_accuracy(tmp_path: Path) -> None:
+    """Seeds of one configuration form one row; time to accuracy reads the history's steps and seconds."""
+    root = tmp_path / "seeds"
+    for seed, (knn, wall) in enumerate([(70.0, 10.0), (72.0, 20.0), (74.0, 30.0)]):
+        hist = [
+            {"epoch": e, "step": 10 * (e + 1), "knn_acc": knn - 10 * (2 - e), "wall_s": wall * (e + 1)}
+            for e in range(3)
+        ]
+        write_run(
+            root,
+            f"{seed}_moco",
+            instance_run("moco", "queue", knn, 4096, 0.9, history=hist),
+            ["method=moco", f"seed={seed}"],
+        )
+    markdown = build_report(root).path.read_text()
+    groups = markdown.split("## Groups", 1)[1].split("##", 1)[0]
+    # mean 72, sd 2, t(0.975, 2) = 4.303: half-width 4.303 * 2 / sqrt(3) = 4.97
+    assert "| moco | 3 | 0, 1, 2 | 72.0 ± 5.0 (n=3) |" in groups
+    assert "sweep_seed" not in markdown  # a seed is a repeat, not a swept setting
+    section = markdown.split("## Time to accuracy", 1)[1].split("## Survey", 1)[0]
+    # target: the lowest best epoch, 70; every seed first reaches it at its last epoch (step 30 x batch 128), after
+    # 30, 60, 90 s: mean 60, sd 30, half-width 4.303 x 30 / sqrt(3) = 74.5
+    assert "Target: 70% kNN" in section
+    assert "| moco | 3/3 | 3,840 | 60.0 ± 74.5 (n=3) |" in section, section
+    assert_png(root / "time_to_accuracy.png")
+    # at 61%: epochs 2, 1, 1 (steps 30, 20, 20), after 30, 40, 60 s (sd 15.28: half-width 37.9)
+    assert main([str(root), "--target", "61"]) == 0
+    section = (root / "comparison.md").read_text().split("## Time to accuracy", 1)[1]
+    assert "Target: 61% kNN" in section and "| moco | 3/3 | 2,987 | 43.3 ± 37.9 (n=3) |" in section
+
+
+def test_negatives_sweep_when_two_methods_vary_k(sweep_dir: Path) -> None:
+    write_run(
+        sweep_dir,
+        "7_simclr",
+        instance_run("simclr", "batch", 82.0, 510, None, global_batch_size=256),
+        ["method=simclr", "data.batch_size=256"],
+    )
+    markdown = build_report(sweep_dir).path.read_text()
+    assert_png(sweep_dir / "negatives_sweep.png")
+    assert_png(sweep_dir / "sweep_data.batch_size.png")
+    section = markdown.split("### Negatives per query", 1)[1].split("##", 1)[0]
+    assert "| simclr (batch) | 510 | 1 | 82.0 |" in section
+    assert "| memory_bank (bank) | 4096 | 1 | 70.0 |" in section
+    assert claim_verdicts(markdown)["a"] == "within noise (n=1/1)"  # 82.0 at 256 vs 80.0 at 128, one run each
+
+
+def test_out_dir_and_no_runs_error(sweep_dir: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "report"
+    assert main([str(sweep_dir), "--out", str(out)]) == 0
+    assert (out / "comparison.md").is_file() and (out / "knn_per_epoch.png").is_file()
+    assert "| `3_moco` | moco |" in capsys.readouterr().out
+    empty = tmp_path / "empty"
+    (empty / "run" / ".hydra").mkdir(parents=True)
+    with pytest.raises(NoRunsError, match="empty"):
+        build_report(empty)
+    assert main([str(empty)]) == 2
+    assert "error: no run found below" in capsys.readouterr().err
+
+
+def test_cli_in_a_subprocess(sweep_dir: Path, tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "contrastive.report", str(sweep_dir)],
+        cwd=REPO,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("| run | method |") and "`5_swav`" in done.stdout
+    assert (sweep_dir / "comparison.md").is_file()
+    missing = tmp_path / "nothing_here"
+    failed = subprocess.run(
+        [sys.executable, "-m", "contrastive.report", str(missing)],
+        cwd=REPO,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert failed.returncode != 0
+    assert str(missing) in failed.stderr and "Traceback" not in failed.stderr
+
+
+def test_stage_claim_per_group(tmp_path: Path) -> None:
+    """Later stages better for MoCo (beyond the seeds' noise), worse for SimCLR: the claim does not hold."""
+    root = tmp_path / "stages"
+    for seed, shift in enumerate((-0.3, 0.0, 0.3)):
+        for method, first, last in (("moco", 40.0, 70.0), ("simclr", 60.0, 50.0)):
+            stages = {
+                "stages": ["block1", "block2"],
+                "stage_block1_knn_acc": first + shift,
+                "stage_block2_knn_acc": last - shift,
+            }
+            write_run(
+                root,
+                f"{method}_{seed}",
+                instance_run(method, "queue", 70.0, 4096, 0.9, **stages),
+                [f"method={method}", f"seed={seed}"],
+            )
+    claim = survey_claims(load_runs(root))[7]
+    assert claim.letter == "h" and claim.verdict == FAILS
+    assert "moco: block1 40.0, block2 70.0" in claim.evidence and "simclr: block1 60.0, block2 50.0" in claim.evidence
+    only_moco = [run for run in load_runs(root) if run.method == "moco"]
+    assert survey_claims(only_moco)[7].verdict == HOLDS
+
+
+def test_budget_line_says_which_protocol(tmp_path: Path) -> None:
+    from contrastive.report import budget_line
+
+    def runs(*pairs):
+        return [Run(f"r{i}", tmp_path, {"global_steps": s, "epochs": e}, {}) for i, (s, e) in enumerate(pairs)]
+
+    assert budget_line(runs((100, 2), (100, 8))) == "Budget: equal optimiser steps (100 per run; epochs 2 to 8)."
+    assert budget_line(runs((100, 2), (400, 2))) == "Budget: equal epochs (2 per run; optimiser steps 100 to 400)."
+    assert budget_line(runs((100, 2), (100, 2))).startswith("Budget: equal steps and epochs")
+    assert budget_line(runs((100, 2), (400, 8))).startswith("Budget: unequal")
+
+
+def test_build_report_returns_what_it_wrote(sweep_dir: Path) -> None:
+    report = build_report(sweep_dir)
+    text = report.path.read_text()
+    assert report.runs_table in text and report.groups_table in text
+    assert [c.letter for c in report.claims] == list("abcdefgh")
+    assert {p.name for p in report.plots} >= {"knn_per_epoch.png", "time_to_accuracy.png"}
+    assert all(p.is_file() for p in report.plots)
+    assert set(report.groups) == {
+        "memory_bank",
+        "moco queue_size=256",
+        "moco queue_size=1024",
+        "moco queue_size=4096",
+        "simclr",
+        "swav",
+        "byol",
+    }
