@@ -12,22 +12,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import FAST, REPO
 
-RUN = [
-    "data=synthetic",
-    "data.size=256",
-    "data.batch_size=32",
-    "backbone.width=8",
-    "method.proj_hidden_dim=32",
-    "method.proj_out_dim=16",
-    "trainer.max_epochs=2",
-    "trainer.enable_progress_bar=false",
-    "eval.linear_epochs=0",
-    "eval.fewshot_seeds=1",
-    "eval.init=false",
-    "eval.pixels=false",
-]
+# the shared quick run, without its logger (each test picks one)
+RUN = [o for o in FAST if not o.startswith("logger=")] + ["eval.init=false", "eval.pixels=false"]
 
 
 def run_cli(out: Path, *overrides: str, env: dict[str, str] | None = None) -> None:

@@ -78,13 +78,12 @@ def test_pyproject_declares_a_range_and_constraints_pin_the_tested_pair():
         assert torchvision.__version__.split("+")[0] == pins["torchvision"]
 
 
-# -- the configs: found through the package, from any folder -----------------------------------------------------
-def test_the_cli_of_this_install_finds_its_configs_from_another_folder(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("PYTHONPATH", None)
+def composed_job(overrides: list[str], cwd: Path, env: dict[str, str], no_site: bool = False) -> dict:
+    """The config ``python -m contrastive.train --cfg job`` composes, run from ``cwd`` (``-S``: no site-packages)."""
+    python = [sys.executable, "-S"] if no_site else [sys.executable]
     cli = subprocess.run(
-        [sys.executable, "-m", "contrastive.train", "--cfg", "job", "method=swav", "optim=lars"],
-        cwd=tmp_path,
+        [*python, "-m", "contrastive.train", "--cfg", "job", *overrides],
+        cwd=cwd,
         env=env,
         capture_output=True,
         text=True,
@@ -92,7 +91,14 @@ def test_the_cli_of_this_install_finds_its_configs_from_another_folder(tmp_path)
         timeout=300,
     )
     assert cli.returncode == 0, cli.stderr[-3000:]
-    cfg = yaml.safe_load(cli.stdout)
+    return yaml.safe_load(cli.stdout)
+
+
+# -- the configs: found through the package, from any folder -----------------------------------------------------
+def test_the_cli_of_this_install_finds_its_configs_from_another_folder(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("PYTHONPATH", None)
+    cfg = composed_job(["method=swav", "optim=lars"], cwd=tmp_path, env=env)
     expected = yaml.safe_load((REPO / "conf" / "method" / "swav.yaml").read_text())
     assert cfg["method"]["name"] == "swav" and cfg["optim"]["name"] == "lars"
     assert cfg["method"]["num_prototypes"] == expected["num_prototypes"]
@@ -128,17 +134,8 @@ def test_an_uninstalled_copy_of_the_checkout_reads_its_own_configs(tmp_path):
     swav.write_text(re.sub(r"^num_prototypes: \d+", "num_prototypes: 77", text, flags=re.M))
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    cli = subprocess.run(
-        [sys.executable, "-S", "-m", "contrastive.train", "--cfg", "job", "method=swav"],
-        cwd=elsewhere,
-        env=without_site(copy),
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=300,
-    )
-    assert cli.returncode == 0, cli.stderr[-3000:]
-    assert yaml.safe_load(cli.stdout)["method"]["num_prototypes"] == 77
+    cfg = composed_job(["method=swav"], cwd=elsewhere, env=without_site(copy), no_site=True)
+    assert cfg["method"]["num_prototypes"] == 77
 
 
 # -- the wheel ---------------------------------------------------------------------------------------------------
@@ -222,17 +219,7 @@ def test_the_cli_installed_from_the_wheel_composes_its_config_outside_the_source
     package, conf, *path = probe.stdout.splitlines()
     assert Path(package).is_relative_to(site) and Path(conf).is_relative_to(site), probe.stdout
     assert str(REPO) not in path and "" not in path[1:], path  # the checkout is not on the path
-    cli = subprocess.run(
-        [sys.executable, "-S", "-m", "contrastive.train", "--cfg", "job", "method=moco", "data=synthetic"],
-        cwd=elsewhere,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=300,
-    )
-    assert cli.returncode == 0, cli.stderr[-3000:]
-    cfg = yaml.safe_load(cli.stdout)
+    cfg = composed_job(["method=moco", "data=synthetic"], cwd=elsewhere, env=env, no_site=True)
     # the moco preset over the defaults, the override applied
     expected = yaml.safe_load((REPO / "conf" / "method" / "moco.yaml").read_text())
     assert cfg["method"]["name"] == "moco" and cfg["data"]["name"] == "synthetic"
