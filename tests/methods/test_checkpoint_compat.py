@@ -3,7 +3,7 @@ make_checkpoints_v1.py``) load into today's modules with every tensor under its 
 
 from __future__ import annotations
 
-import sys
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -16,8 +16,18 @@ from contrastive.methods import build_method
 from contrastive.train import train
 
 DATA = Path(__file__).resolve().parents[1] / "data"  # tests/data
-sys.path.insert(0, str(DATA))
-from make_checkpoints_v1 import RUNS, TINY  # noqa: E402
+
+
+def data_script(name: str):
+    """A script of tests/data (standalone, not a package), loaded from its file."""
+    spec = importlib.util.spec_from_file_location(name, DATA / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_writer = data_script("make_checkpoints_v1")
+RUNS, TINY = _writer.RUNS, _writer.TINY
 
 # the names the old code gave the state of each component: a rename would need a converter
 EXPECTED = {
@@ -81,9 +91,8 @@ def test_first_losses_are_those_of_the_code_before_the_split():
     recorded them with commit 1dbae36 (the same machine gives them bit for bit; another CPU may round differently)."""
     import json
 
-    from record_losses import RUNS as LOSS_RUNS
-    from record_losses import losses
-
+    recorder = data_script("record_losses")
+    LOSS_RUNS, losses = recorder.RUNS, recorder.losses
     recorded = json.loads((DATA / "losses_v1.json").read_text())
     for name, overrides in LOSS_RUNS.items():
         assert losses(overrides) == pytest.approx(recorded[name], rel=1e-5), name
