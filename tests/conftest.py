@@ -34,6 +34,18 @@ FAST = [
 ]
 
 
+# the smallest run the crash and reliability tests need: 80 images -> 64 for training: 4 steps of 16 per epoch
+TINY = [
+    "data.size=80",
+    "data.batch_size=16",
+    "backbone.width=4",
+    "method.probe_size=16",
+    "eval.init=false",
+    "eval.pixels=false",
+    "eval.final=false",
+]
+
+
 def make_cfg(overrides: list[str] | None = None, fast: bool = True, tmp_path: Path | None = None) -> DictConfig:
     extra = list(FAST if fast else []) + list(overrides or [])
     if tmp_path is not None:

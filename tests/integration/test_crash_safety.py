@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, collapse_projector
+from conftest import REPO, TINY, collapse_projector
 
 from contrastive.callbacks import CollapseWarning, TrainingDiverged
 from contrastive.checkpoints import AtomicCheckpointIO, atomic_torch_save
@@ -22,16 +22,6 @@ from contrastive.data.datasets import DataError
 from contrastive.methods.base import ContrastiveMethod
 from contrastive.train import train
 
-# 80 images -> 64 for training: 4 steps of 16 per epoch
-TINY = [
-    "data.size=80",
-    "data.batch_size=16",
-    "backbone.width=4",
-    "method.probe_size=16",
-    "eval.init=false",
-    "eval.pixels=false",
-    "eval.final=false",
-]
 STEPS_PER_EPOCH = 4
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, collapse_projector, make_cfg
+from conftest import REPO, TINY, collapse_projector, make_cfg
 from torch import nn
 
 from contrastive.checkpoints import read_checkpoint
@@ -28,16 +28,6 @@ from contrastive.evaluate import main as evaluate_main
 from contrastive.methods.base import ContrastiveMethod
 from contrastive.train import train
 
-# 80 images -> 64 for training: 4 steps of 16 per epoch
-TINY = [
-    "data.size=80",
-    "data.batch_size=16",
-    "backbone.width=4",
-    "method.probe_size=16",
-    "eval.init=false",
-    "eval.pixels=false",
-    "eval.final=false",
-]
 STEPS = 4
 
 
