@@ -22,6 +22,16 @@ def epoch_batches(batches: DeviceBatches) -> list[list[torch.Tensor]]:
     return list(batches)
 
 
+def watch_trainer(monkeypatch, watch) -> None:
+    """Every Trainer the run builds gets ``watch`` among its callbacks."""
+    import lightning
+
+    real_trainer = lightning.Trainer
+    monkeypatch.setattr(
+        lightning, "Trainer", lambda *a, callbacks=(), **k: real_trainer(*a, callbacks=[*callbacks, watch], **k)
+    )
+
+
 def test_an_epoch_is_a_permutation_in_full_batches_of_the_stored_images():
     data = dataset(50)
     epoch = [0]
@@ -85,7 +95,6 @@ class BatchWatch(Callback):
 def test_training_reads_its_batches_from_the_device_copy(tmp_path, monkeypatch, on_device):
     """The path is used by ``train``: the Trainer's training loader is a ``DeviceBatches`` (no DataLoader), every
     epoch iterated it once, and the batches are on the model's device."""
-    import lightning
 
     watch = BatchWatch()
     made = []
@@ -96,10 +105,7 @@ def test_training_reads_its_batches_from_the_device_copy(tmp_path, monkeypatch, 
         made.append(self)
 
     monkeypatch.setattr(DeviceBatches, "__init__", spying_init)
-    real_trainer = lightning.Trainer
-    monkeypatch.setattr(
-        lightning, "Trainer", lambda *a, callbacks=(), **k: real_trainer(*a, callbacks=[*callbacks, watch], **k)
-    )
+    watch_trainer(monkeypatch, watch)
     cfg = make_cfg(
         [
             "data.size=128",
@@ -126,12 +132,8 @@ def test_training_reads_its_batches_from_the_device_copy(tmp_path, monkeypatch, 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_on_a_gpu_the_split_and_the_batches_live_there(tmp_path, monkeypatch):
     watch = BatchWatch()
-    import lightning
 
-    real_trainer = lightning.Trainer
-    monkeypatch.setattr(
-        lightning, "Trainer", lambda *a, callbacks=(), **k: real_trainer(*a, callbacks=[*callbacks, watch], **k)
-    )
+    watch_trainer(monkeypatch, watch)
     cfg = make_cfg(
         [
             "data.size=128",
