@@ -22,7 +22,6 @@ from contrastive.report.runs import (
     NoRunsError,
     Run,
     _by,
-    _mean_by_value,
     _sort_value,
     accuracy_target,
     load_runs,
@@ -30,6 +29,7 @@ from contrastive.report.runs import (
     run_labels,
     swept_keys,
     time_to_accuracy,
+    values_by_x,
 )
 from contrastive.report.stats import summarize
 from contrastive.report.tables import (
@@ -99,7 +99,7 @@ def sweeps_section(runs: list[Run], swept: dict[str, list[str]], out: Path) -> l
         if any(isinstance(v, str) for v in values):
             lines += [f"`{key}` varies ({', '.join(methods)}) but is not numeric: no plot.", ""]
             continue
-        series = {m: _mean_by_value(by_method[m], lambda r, key=key: r.value(key)) for m in methods}
+        series = {m: values_by_x(by_method[m], lambda r, key=key: r.value(key)) for m in methods}
         series = {m: points for m, points in series.items() if points}
         lines += [f"### `{key}`", ""]
         if series:
@@ -108,7 +108,10 @@ def sweeps_section(runs: list[Run], swept: dict[str, list[str]], out: Path) -> l
             lines += [
                 f"![kNN accuracy against {key}]({name})",
                 "",
-                f"*Final kNN accuracy against `{key}`, one line per method (mean over runs at each value).*",
+                (
+                    f"*Final kNN accuracy against `{key}`, one line per method through the mean at each value, "
+                    "a dot per run.*"
+                ),
                 "",
             ]
         rows = [
@@ -126,8 +129,7 @@ def sweeps_section(runs: list[Run], swept: dict[str, list[str]], out: Path) -> l
             lambda r: f"{r.method} ({r.metrics.get('negatives') or '?'})",
         )
         series = {
-            name: _mean_by_value(group, lambda r: r.num("negatives_per_query"))
-            for name, group in sorted(groups.items())
+            name: values_by_x(group, lambda r: r.num("negatives_per_query")) for name, group in sorted(groups.items())
         }
         series = {name: points for name, points in series.items() if points}
         lines += [
@@ -150,7 +152,8 @@ def sweeps_section(runs: list[Run], swept: dict[str, list[str]], out: Path) -> l
                 "",
                 (
                     "*Final kNN accuracy against the number of negatives per query, one line per method and "
-                    "negatives source (log2 x axis), as in Fig. 3 of the MoCo paper.*"
+                    "negatives source through the mean at each point, a dot per run (log2 x axis), as in Fig. 3 "
+                    "of the MoCo paper.*"
                 ),
                 "",
             ]
@@ -223,8 +226,11 @@ def build_report(root: Path, out: Path | None = None, target: float | None = Non
     plots = [
         (
             "knn_per_epoch.png",
-            lambda p: plot_knn_per_epoch(runs, labels, p),
-            "kNN accuracy on the validation set after each epoch, one line per run (method and swept values).",
+            lambda p: plot_knn_per_epoch(groups, p),
+            (
+                "kNN accuracy on the validation set after each epoch, one line per group of seeds (method and swept "
+                "values): its mean, shaded from its lowest to its highest run."
+            ),
             "no run has a per-epoch kNN history",
         ),
         (

@@ -40,31 +40,53 @@ def _log2_axis(ax: Any, values: list[float]) -> None:
         _set_log2(ax)
 
 
-def plot_knn_per_epoch(runs: list[Run], labels: dict[str, str], path: Path) -> bool:
+def _epoch_points(run: Run) -> list[tuple[float, float]]:
+    # History epochs are 0-based (recorded during the epoch); +1 counts epochs completed, as the table does.
+    return [
+        (rec["epoch"] + 1, rec["knn_acc"])
+        for rec in run.metrics.get("history") or []
+        if isinstance(rec, dict)
+        and _as_float(rec.get("epoch")) is not None
+        and _as_float(rec.get("knn_acc")) is not None
+    ]
+
+
+def plot_knn_per_epoch(groups: dict[str, list[Run]], path: Path) -> bool:
+    """One line per group of seeds: a single run as it is, a larger group as its mean with the band from its lowest
+    to its highest run at each epoch."""
+    runs = [run for group in groups.values() for run in group]
     colors, fig = _colors(runs), Figure(figsize=(7.5, 4.5))
     ax, drawn, seen = fig.subplots(), False, defaultdict(int)
-    for run in runs:
-        points = [
-            (rec["epoch"], rec["knn_acc"])
-            for rec in run.metrics.get("history") or []
-            if isinstance(rec, dict)
-            and _as_float(rec.get("epoch")) is not None
-            and _as_float(rec.get("knn_acc")) is not None
-        ]
-        if not points:
+    for label, group in groups.items():
+        by_epoch: dict[float, list[float]] = defaultdict(list)
+        for run in group:
+            for epoch, acc in _epoch_points(run):
+                by_epoch[epoch].append(acc)
+        if not by_epoch:
             continue
-        i = seen[run.method]
-        seen[run.method] += 1
-        # History epochs are 0-based (recorded during the epoch); +1 counts epochs completed, as the table does.
+        epochs = sorted(by_epoch)
+        method = group[0].method
+        i = seen[method]
+        seen[method] += 1
+        n = max(len(v) for v in by_epoch.values())
         ax.plot(
-            [e + 1 for e, _ in points],
-            [a for _, a in points],
-            color=colors[run.method],
-            label=labels[run.name],
+            epochs,
+            [sum(by_epoch[e]) / len(by_epoch[e]) for e in epochs],
+            color=colors[method],
+            label=label if n == 1 else f"{label} (mean, n={n})",
             linestyle=_LINESTYLES[i % len(_LINESTYLES)],
             marker=_MARKERS[i % len(_MARKERS)],
             markersize=3,
         )
+        if n > 1:
+            ax.fill_between(
+                epochs,
+                [min(by_epoch[e]) for e in epochs],
+                [max(by_epoch[e]) for e in epochs],
+                color=colors[method],
+                alpha=0.15,
+                linewidth=0,
+            )
         drawn = True
     if not drawn:
         return False
@@ -157,26 +179,31 @@ def plot_throughput_memory(runs: list[Run], labels: dict[str, str], path: Path) 
 
 
 def plot_lines(
-    series: dict[str, list[tuple[float, float]]],
+    series: dict[str, list[tuple[float, list[float]]]],
     colors: dict[str, Any],
     xlabel: str,
     title: str,
     path: Path,
     log2: bool = False,
 ) -> None:
-    """One line per series of (x, accuracy) points; log2 x if asked or where the values span a wide range."""
+    """One line per series through the mean at each x, with every run's value as a dot (the seed spread);
+    log2 x if asked or where the values span a wide range."""
     fig = Figure(figsize=(6.5, 4.5))
     ax = fig.subplots()
     for i, (name, points) in enumerate(series.items()):
-        ax.plot(
-            [p[0] for p in points],
-            [p[1] for p in points],
-            marker=_MARKERS[i % len(_MARKERS)],
-            color=colors.get(name.split(" ")[0]),
+        color, marker = colors.get(name.split(" ")[0]), _MARKERS[i % len(_MARKERS)]
+        line = ax.plot(
+            [x for x, _ in points],
+            [sum(ys) / len(ys) for _, ys in points],
+            marker=marker,
+            color=color,
             linestyle=_LINESTYLES[i % len(_LINESTYLES)],
             label=name,
-        )
-    xs = [p[0] for points in series.values() for p in points]
+        )[0]
+        spread = [(x, y) for x, ys in points if len(ys) > 1 for y in ys]
+        if spread:
+            ax.scatter(*zip(*spread), color=line.get_color(), marker=marker, s=14, alpha=0.35, linewidths=0)
+    xs = [x for points in series.values() for x, _ in points]
     if log2 and min(xs) > 0:
         _set_log2(ax)
     else:

@@ -217,11 +217,12 @@ def time_to_accuracy(run: Run, target: float) -> tuple[float, float | None] | No
     return next(((images, wall) for images, wall, acc in knn_curve(run) if acc >= target), None)
 
 
-def _mean_by_value(group: list[Run], x_of: Callable[[Run], Any], key: str = "knn_acc") -> list[tuple[float, float]]:
-    """(x, mean of ``key`` over the runs at that x), sorted by x; runs lacking either skipped."""
+def values_by_x(group: list[Run], x_of: Callable[[Run], Any], key: str = "knn_acc") -> list[tuple[float, list[float]]]:
+    """(x, every run's ``key`` at that x), sorted by x; runs lacking either skipped. The plots draw the mean as a
+    line and each run as a dot, so the seed spread shows."""
     by_x: dict[float, list[float]] = defaultdict(list)
     for run in group:
         x, y = _as_float(x_of(run)), run.num(key)
         if x is not None and y is not None:
             by_x[x].append(y)
-    return [(x, _mean(ys)) for x, ys in sorted(by_x.items())]
+    return sorted(by_x.items())

@@ -351,6 +351,46 @@ def test_groups_table_and_time_to_accuracy(tmp_path: Path) -> None:
     assert "Target: 61% kNN" in section and "| moco | 3/3 | 2,987 | 43.3 ± 37.9 (n=3) |" in section
 
 
+def test_plots_show_the_seed_spread(tmp_path: Path, monkeypatch) -> None:
+    """A group of seeds is drawn as its mean with every run visible: a min-max band per epoch, a dot per run in the
+    sweep plots; a single run is a plain line."""
+    import contrastive.report.plots as plots
+
+    figures = {}
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.__setitem__(Path(path).name, fig))
+    root = tmp_path / "spread"
+    for seed, knn in enumerate([70.0, 72.0, 77.0]):
+        write_run(root, f"moco_{seed}", instance_run("moco", "queue", knn, 4096, 0.9), ["method=moco", f"seed={seed}"])
+        for k, shift in ((64, -5.0), (1024, 0.0)):
+            write_run(
+                root,
+                f"bank_{k}_{seed}",
+                instance_run("memory_bank", "bank", knn + shift, k, 0.9),
+                ["method=memory_bank", f"method.num_negatives={k}", f"seed={seed}"],
+            )
+    write_run(root, "simclr", instance_run("simclr", "batch", 60.0, 254, None), ["method=simclr"])
+    build_report(root)
+
+    (ax,) = figures["knn_per_epoch.png"].axes
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    moco = lines["moco (mean, n=3)"]
+    # history(): epochs 1-3 at final - 20, - 10, final; the mean of 70, 72, 77 is 73
+    assert list(moco.get_xdata()) == [1, 2, 3] and list(moco.get_ydata()) == pytest.approx([53.0, 63.0, 73.0])
+    assert list(lines["simclr"].get_ydata()) == [40.0, 50.0, 60.0]
+    bands = [c for c in ax.collections if c.get_paths()]
+    assert len(bands) == 3  # moco and the two bank groups; the single SimCLR run has none
+    extents = sorted((b.get_paths()[0].vertices[:, 1].min(), b.get_paths()[0].vertices[:, 1].max()) for b in bands)
+    assert (50.0, 77.0) in [(round(lo, 6), round(hi, 6)) for lo, hi in extents]  # moco: 70 - 20 up to 77
+
+    (ax,) = figures["sweep_method.num_negatives.png"].axes
+    (line,) = ax.get_lines()
+    assert list(line.get_xdata()) == [64, 1024] and list(line.get_ydata()) == pytest.approx([68.0, 73.0])
+    (dots,) = ax.collections
+    assert sorted(map(tuple, dots.get_offsets().tolist())) == sorted(
+        (k, knn + shift) for k, shift in ((64, -5.0), (1024, 0.0)) for knn in (70.0, 72.0, 77.0)
+    )
+
+
 def test_negatives_sweep_when_two_methods_vary_k(sweep_dir: Path) -> None:
     write_run(
         sweep_dir,
