@@ -47,7 +47,10 @@ bench-gpu:
 # The survey study, resumable (run it again after a stop: finished runs are kept, the others resume; each run's
 # folder is named by its method or sweep point and seed, so a part run alone, e.g. seed=0, is found again): the four
 # methods x 3 seeds on the CIFAR-10 split with per-stage probes; the MoCo paper's Figure 3 on MNIST, 2 seeds, at equal
-# epochs and at equal optimiser steps; one report each in results/study/. About 3 hours on a 2-core CPU.
+# epochs (4) and at equal optimiser steps (500). The bank and MoCo points train at a batch of 64 at every K, so their
+# 4 epochs are 500 steps: the equal-step report takes them from the equal-epoch sweep and trains only the end-to-end
+# points again. Each run's metrics.json and config.yaml are copied under results/study/, one report per part
+# beside them. About 3 h 40 min on a 2-core CPU.
 STUDY ?= runs/study
 DATA ?= ../shared/data
 SIDE_BY_SIDE = hydra/launcher=parallel perf.threads=1 resume=auto data.root=$(DATA)
@@ -58,11 +61,18 @@ study: install
 	$(PYTHON) -m contrastive.train -m experiment=negatives_sweep seed=0,1 trainer.max_epochs=4 $(SIDE_BY_SIDE) \
 		hydra.sweep.dir=$(STUDY)/negatives_epochs \
 		'hydra.sweep.subdir=$${hydra:runtime.choices.nsweep}_seed$${seed}'
-	$(PYTHON) -m contrastive.train -m experiment=negatives_sweep_steps seed=0,1 trainer.max_steps=500 $(SIDE_BY_SIDE) \
+	$(PYTHON) -m contrastive.train -m experiment=negatives_sweep_steps seed=0,1 trainer.max_steps=500 \
+		+nsweep=e2e_32,e2e_128,e2e_512 $(SIDE_BY_SIDE) \
 		hydra.sweep.dir=$(STUDY)/negatives_steps \
 		'hydra.sweep.subdir=$${hydra:runtime.choices.nsweep}_seed$${seed}'
 	for part in cifar10 negatives_epochs negatives_steps; do \
-		$(PYTHON) -m contrastive.report $(STUDY)/$$part --out results/study/$$part || exit 1; done
+		for run in $(STUDY)/$$part/*/metrics.json; do \
+			dest=results/study/$$part/$$(basename $$(dirname $$run)); mkdir -p $$dest && \
+			cp $$run $$(dirname $$run)/config.yaml $$dest/ || exit 1; done; done
+	$(PYTHON) -m contrastive.report results/study/cifar10
+	$(PYTHON) -m contrastive.report results/study/negatives_epochs
+	$(PYTHON) -m contrastive.report results/study/negatives_steps results/study/negatives_epochs/bank_* \
+		results/study/negatives_epochs/moco_* --out results/study/negatives_steps
 
 lint:
 	$(PYTHON) -m ruff check contrastive tests benchmarks

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -180,15 +181,24 @@ class Report:
     plots: list[Path]
 
 
-def build_report(root: Path, out: Path | None = None, target: float | None = None) -> Report:
-    """Write ``comparison.md`` and its PNG plots into ``out`` (default: ``root``) and return them as a
-    :class:`Report`. ``target``: the kNN accuracy of the time-to-accuracy table (default: the lowest every run
-    reaches)."""
-    root = Path(root)
-    runs = load_runs(root) if root.is_dir() else []
-    if not runs:
-        raise NoRunsError(f"no run found below {root}: no readable metrics.json in it or its subfolders")
-    out = Path(out) if out is not None else root
+def build_report(root: Path | Sequence[Path], out: Path | None = None, target: float | None = None) -> Report:
+    """Write ``comparison.md`` and its PNG plots into ``out`` (default: the first ``root``) and return them as a
+    :class:`Report`. ``root``: a folder of runs, or several (a run folder counts as one) whose runs are compared
+    together. ``target``: the kNN accuracy of the time-to-accuracy table (default: the lowest every run reaches)."""
+    roots = [Path(root)] if isinstance(root, (str, Path)) else [Path(r) for r in root]
+    if not roots:
+        raise NoRunsError("no folder given")
+    loaded = [(r, load_runs(r) if r.is_dir() else []) for r in roots]
+    for r, found in loaded:
+        if not found:
+            raise NoRunsError(f"no run found below {r}: no readable metrics.json in it or its subfolders")
+    runs = [run for _, found in loaded for run in found]
+    names = [run.name for run in runs]
+    if len(set(names)) < len(names):  # the same sub-folder name under two roots: say which root
+        for r, found in loaded:
+            for run in found:
+                run.name = f"{r.name}/{run.name}" if run.path != r else run.name
+    out = Path(out) if out is not None else roots[0]
     out.mkdir(parents=True, exist_ok=True)
     swept = swept_keys(runs)
     runs.sort(key=lambda r: (r.method, tuple(_sort_value(r.value(k)) for k in swept[r.method]), r.name))
@@ -199,7 +209,7 @@ def build_report(root: Path, out: Path | None = None, target: float | None = Non
     claims = survey_claims(runs)
 
     lines = [
-        f"# Comparison of {len(runs)} runs in `{root}`",
+        f"# Comparison of {len(runs)} runs in " + ", ".join(f"`{r}`" for r in roots),
         "",
         "## Runs",
         "",
@@ -266,10 +276,17 @@ def build_report(root: Path, out: Path | None = None, target: float | None = Non
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m contrastive.report",
-        description="Compare the runs below DIR: markdown table, plots, survey claims.",
+        description="Compare the runs below DIR (or several DIRs): markdown table, plots, survey claims.",
     )
-    parser.add_argument("dir", type=Path, help="a Hydra multirun folder, or any folder of run folders")
-    parser.add_argument("--out", type=Path, default=None, help="where to write comparison.md and plots (default DIR)")
+    parser.add_argument(
+        "dir",
+        type=Path,
+        nargs="+",
+        help="a Hydra multirun folder, or any folder of run folders; several are compared together",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="where to write comparison.md and plots (default: the first DIR)"
+    )
     parser.add_argument(
         "--target",
         type=float,

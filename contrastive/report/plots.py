@@ -202,7 +202,7 @@ def plot_lines(
         )[0]
         spread = [(x, y) for x, ys in points if len(ys) > 1 for y in ys]
         if spread:
-            ax.scatter(*zip(*spread), color=line.get_color(), marker=marker, s=14, alpha=0.35, linewidths=0)
+            ax.scatter(*zip(*spread), color=line.get_color(), marker=marker, s=20, alpha=0.5, linewidths=0)
     xs = [x for points in series.values() for x, _ in points]
     if log2 and min(xs) > 0:
         _set_log2(ax)

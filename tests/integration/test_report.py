@@ -407,6 +407,37 @@ def test_negatives_sweep_when_two_methods_vary_k(sweep_dir: Path) -> None:
     assert claim_verdicts(markdown)["a"] == "within noise (n=1/1)"  # 82.0 at 256 vs 80.0 at 128, one run each
 
 
+def test_several_folders_compare_together(tmp_path: Path, capsys) -> None:
+    """Runs from several folders (a folder of runs, single run folders) form one report: what the study does to
+    compare its equal-step end-to-end points with the bank and MoCo points of the equal-epoch sweep."""
+    steps, epochs = tmp_path / "steps", tmp_path / "epochs"
+    for root, knn in ((steps, 81.0), (epochs, 78.0)):
+        write_run(root, "e2e_512_seed0", instance_run("simclr", "batch", knn, 1022, None, global_steps=500))
+    write_run(epochs, "bank_64_seed0", instance_run("memory_bank", "bank", 74.0, 64, 0.6, global_steps=500))
+    write_run(epochs, "moco_64_seed0", instance_run("moco", "queue", 73.0, 64, 0.9, global_steps=500))
+    out = tmp_path / "both"
+    assert main([str(steps), str(epochs / "bank_64_seed0"), str(epochs / "moco_64_seed0"), "--out", str(out)]) == 0
+    markdown = (out / "comparison.md").read_text()
+    assert f"# Comparison of 3 runs in `{steps}`, `{epochs / 'bank_64_seed0'}`" in markdown
+    rows = table_rows(markdown)
+    assert {name: rows[name]["kNN"] for name in rows} == {
+        "e2e_512_seed0": "81.0",
+        "bank_64_seed0": "74.0",
+        "moco_64_seed0": "73.0",
+    }
+    assert "Budget: equal steps and epochs (500 optimiser steps, 3 epochs per run)" in markdown
+    # the same folder name under two roots: each run is named by its root
+    report = build_report([steps, epochs], out=tmp_path / "all")
+    assert sorted(run.name for run in report.runs) == [
+        "epochs/bank_64_seed0",
+        "epochs/e2e_512_seed0",
+        "epochs/moco_64_seed0",
+        "steps/e2e_512_seed0",
+    ]
+    with pytest.raises(NoRunsError, match="nowhere"):
+        build_report([steps, tmp_path / "nowhere"])
+
+
 def test_out_dir_and_no_runs_error(sweep_dir: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "report"
     assert main([str(sweep_dir), "--out", str(out)]) == 0

@@ -36,9 +36,17 @@ def test_every_study_command_composes_and_validates():
         swept = {a.split("=", 1)[0]: a.split("=", 1)[1].split(",") for a in overrides if "," in a}
         sweeps.append(swept)
         for seed in swept["seed"]:
-            first = [a if "," not in a else f"{a.split('=', 1)[0]}={seed}" for a in overrides]
+            # one job of the sweep: this seed, the first value of every other swept key
+            job = {**{key: values[0] for key, values in swept.items()}, "seed": seed}
+            first = [a if "," not in a else f"{a.split('=', 1)[0]}={job[a.split('=', 1)[0]]}" for a in overrides]
             validate(make_cfg(first, fast=False))
     assert [s["seed"] for s in sweeps] == [["0", "1", "2"], ["0", "1"], ["0", "1"]]
+    # equal steps: only the end-to-end points train again (the bank's and MoCo's batch of 64 makes the equal-epoch
+    # sweep's 4 epochs exactly 500 steps); the report takes those points from the equal-epoch folder
+    assert sweeps[2]["+nsweep"] == ["e2e_32", "e2e_128", "e2e_512"]
+    for point in ("bank_64", "bank_256", "bank_1024", "bank_4096", "moco_64", "moco_256", "moco_1024", "moco_4096"):
+        cfg = make_cfg(["experiment=negatives_sweep", f"+nsweep={point}", "trainer.max_epochs=4"], fast=False)
+        assert cfg.data.batch_size == 64, point  # 8,000 images / 64 x 4 epochs = 500 steps
     cifar = make_cfg(["experiment=compare_cifar10_cpu"], fast=False)
     assert cifar.data.name == "npz"
     steps = make_cfg(["experiment=negatives_sweep_steps", "trainer.max_steps=500"], fast=False)
