@@ -50,7 +50,7 @@ bench-gpu:
 # epochs (4) and at equal optimiser steps (500). The bank and MoCo points train at a batch of 64 at every K, so their
 # 4 epochs are 500 steps: the equal-step report takes them from the equal-epoch sweep and trains only the end-to-end
 # points again. Each run's metrics.json and config.yaml are copied under results/study/, one report per part
-# beside them. About 3 h 40 min on a 2-core CPU.
+# beside them. About 3 h 30 min on a 2-core CPU (CIFAR-10 about 2 h, Figure 3 about 1 h 25 min).
 STUDY ?= runs/study
 DATA ?= ../shared/data
 SIDE_BY_SIDE = hydra/launcher=parallel perf.threads=1 resume=auto data.root=$(DATA)
