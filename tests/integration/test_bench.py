@@ -21,6 +21,24 @@ from contrastive.negatives import bank as bank_source
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "benchmarks" / "bench.py"  # outside the installed package: imported from its folder
+
+
+def run_bench(args: list[str], out: Path, timeout: int, one_thread: bool = True) -> tuple[dict, str]:
+    """benchmarks/bench.py in a subprocess with ``--out out``: its JSON report and what it printed."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"} if one_thread else None
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), *args, "--out", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text()), proc.stdout
+
+
 sys.path.insert(0, str(BENCH.parent))
 bench = importlib.import_module("bench")
 
@@ -128,19 +146,8 @@ OWN_STEP_CODE = ("contrastive/methods/", "contrastive/negatives/", "contrastive/
 @pytest.fixture(scope="module")
 def tiny_report(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("bench") / "report.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, str(BENCH), "--tiny", "--lightly", "none", "--out", str(out)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(out.read_text())
-    assert "framework_vs_bare" in proc.stdout  # the table is printed too
+    report, stdout = run_bench(["--tiny", "--lightly", "none"], out, timeout=600)
+    assert "framework_vs_bare" in stdout  # the table is printed too
     return report
 
 
@@ -215,17 +222,7 @@ def test_bank_loss_backward_survives_the_in_place_bank_update(cfg_factory, monke
 @pytest.mark.skipif(bench.lightly_available(bench.LIGHTLY_PYTHON) is None, reason="no Python with lightly")
 def test_tiny_run_side_by_side_with_lightly(tmp_path):
     out = tmp_path / "report.json"
-    proc = subprocess.run(
-        [sys.executable, str(BENCH), "--tiny", "--methods", "simclr", "--out", str(out)],
-        cwd=ROOT,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(out.read_text())
+    report, _ = run_bench(["--tiny", "--methods", "simclr"], out, timeout=900)
     lightly = report["results"]["lightly"]
     assert report["machine"]["lightly"] == lightly["lightly_version"]
     assert 0 <= lightly["knn_acc"] <= 100 and len(lightly["rounds"]) == report["settings"]["rounds"]
@@ -235,16 +232,7 @@ def test_tiny_run_side_by_side_with_lightly(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_tiny_run_on_the_gpu(tmp_path):
     out = tmp_path / "report.json"
-    proc = subprocess.run(
-        [sys.executable, str(BENCH), "--device", "cuda", "--tiny", "--lightly", "none", "--out", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(out.read_text())
+    report, _ = run_bench(["--device", "cuda", "--tiny", "--lightly", "none"], out, timeout=900, one_thread=False)
     assert {"cpu_aug", "bare", "simclr"} <= set(report["results"])
     assert report["results"]["simclr"]["epoch_s"] > 0 and "simclr_vs_cpu_aug" in report["ratios"]
     for method in bench.METHODS:
@@ -295,17 +283,7 @@ def test_bench_gpu_dry_run_on_the_cpu(tmp_path):
     markdown.write_text((ROOT / "BENCHMARKS.md").read_text())
     args[args.index("--markdown") + 1] = str(markdown)
     out = tmp_path / "report.json"
-    proc = subprocess.run(
-        [sys.executable, str(BENCH), *args, "--tiny", "--gpu-recipe", "--out", str(out)],
-        cwd=ROOT,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=1200,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(out.read_text())
+    report, _ = run_bench([*args, "--tiny", "--gpu-recipe"], out, timeout=1200)
     s, results, ratios = report["settings"], report["results"], report["ratios"]
     assert s["precision"] == "bf16-mixed" and s["channels_last"] and s["epoch"] and s["epoch_compile"]
     assert s["on_device"]

@@ -451,27 +451,24 @@ def test_out_dir_and_no_runs_error(sweep_dir: Path, tmp_path: Path, capsys) -> N
     assert "error: no run found below" in capsys.readouterr().err
 
 
-def test_cli_in_a_subprocess(sweep_dir: Path, tmp_path: Path) -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "contrastive.report", str(sweep_dir)],
+def report_cli(folder: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "contrastive.report", str(folder)],
         cwd=REPO,
         check=False,
         capture_output=True,
         text=True,
         timeout=120,
     )
+
+
+def test_cli_in_a_subprocess(sweep_dir: Path, tmp_path: Path) -> None:
+    done = report_cli(sweep_dir)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("| run | method |") and "`5_swav`" in done.stdout
     assert (sweep_dir / "comparison.md").is_file()
     missing = tmp_path / "nothing_here"
-    failed = subprocess.run(
-        [sys.executable, "-m", "contrastive.report", str(missing)],
-        cwd=REPO,
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    failed = report_cli(missing)
     assert failed.returncode != 0
     assert str(missing) in failed.stderr and "Traceback" not in failed.stderr
 
