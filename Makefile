@@ -45,34 +45,34 @@ bench-gpu:
 	$(PYTHON) benchmarks/bench.py --device cuda --lightly none --markdown BENCHMARKS.md
 
 # The survey study, resumable (run it again after a stop: finished runs are kept, the others resume; each run's
-# folder is named by its method or sweep point and seed, so a part run alone, e.g. seed=0, is found again): the four
-# methods x 3 seeds on the CIFAR-10 split with per-stage probes; the MoCo paper's Figure 3 on MNIST, 2 seeds, at equal
-# epochs (4) and at equal optimiser steps (500). The bank and MoCo points train at a batch of 64 at every K, so their
-# 4 epochs are 500 steps: the equal-step report takes them from the equal-epoch sweep and trains only the end-to-end
-# points again. Each run's metrics.json and config.yaml are copied under results/study/, one report per part
-# beside them. About 3 h 30 min on a 2-core CPU (CIFAR-10 about 2 h, Figure 3 about 1 h 25 min).
+# folder is named by its method or sweep point and seed, so a part run alone, e.g. seed=0, is found again), all on the
+# CIFAR-10 split: the four methods x 3 seeds with per-stage probes; the MoCo paper's Figure 3 (9 points, 2 seeds) at
+# equal epochs (4), and at equal optimiser steps (500): the batch-64 points (bank, MoCo, end-to-end at 64) take 500
+# steps in their 4 epochs, so the equal-step part trains only the end-to-end points at batches 16 and 256 again and
+# its report takes the batch-64 runs from the equal-epoch part. Each run's metrics.json and config.yaml are copied
+# under results/study/, one report per part beside them. About 3 hours on a 2-core CPU, two runs at a time (the four
+# methods about 41 min a seed, Figure 3 about 35 min at equal epochs and 18 min at equal steps).
 STUDY ?= runs/study
 DATA ?= ../shared/data
 SIDE_BY_SIDE = hydra/launcher=parallel perf.threads=1 resume=auto data.root=$(DATA)
+POINT = 'hydra.sweep.subdir=$${hydra:runtime.choices.nsweep_cifar10}_seed$${seed}'
 study: install
 	$(PYTHON) -m contrastive.train -m experiment=compare_cifar10_cpu seed=0,1,2 eval.stages=true $(SIDE_BY_SIDE) \
 		hydra.sweep.dir=$(STUDY)/cifar10 \
 		'hydra.sweep.subdir=$${method.name}_seed$${seed}'
-	$(PYTHON) -m contrastive.train -m experiment=negatives_sweep seed=0,1 trainer.max_epochs=4 $(SIDE_BY_SIDE) \
-		hydra.sweep.dir=$(STUDY)/negatives_epochs \
-		'hydra.sweep.subdir=$${hydra:runtime.choices.nsweep}_seed$${seed}'
-	$(PYTHON) -m contrastive.train -m experiment=negatives_sweep_steps seed=0,1 trainer.max_steps=500 \
-		+nsweep=e2e_32,e2e_128,e2e_512 $(SIDE_BY_SIDE) \
-		hydra.sweep.dir=$(STUDY)/negatives_steps \
-		'hydra.sweep.subdir=$${hydra:runtime.choices.nsweep}_seed$${seed}'
-	for part in cifar10 negatives_epochs negatives_steps; do \
+	$(PYTHON) -m contrastive.train -m experiment=negatives_sweep_cifar10 seed=0,1 $(SIDE_BY_SIDE) \
+		hydra.sweep.dir=$(STUDY)/negatives_cifar10 $(POINT)
+	$(PYTHON) -m contrastive.train -m experiment=negatives_sweep_cifar10_steps seed=0,1 $(SIDE_BY_SIDE) \
+		hydra.sweep.dir=$(STUDY)/negatives_cifar10_steps $(POINT)
+	for part in cifar10 negatives_cifar10 negatives_cifar10_steps; do \
 		for run in $(STUDY)/$$part/*/metrics.json; do \
 			dest=results/study/$$part/$$(basename $$(dirname $$run)); mkdir -p $$dest && \
 			cp $$run $$(dirname $$run)/config.yaml $$dest/ || exit 1; done; done
 	$(PYTHON) -m contrastive.report results/study/cifar10
-	$(PYTHON) -m contrastive.report results/study/negatives_epochs
-	$(PYTHON) -m contrastive.report results/study/negatives_steps results/study/negatives_epochs/bank_* \
-		results/study/negatives_epochs/moco_* --out results/study/negatives_steps
+	$(PYTHON) -m contrastive.report results/study/negatives_cifar10
+	$(PYTHON) -m contrastive.report results/study/negatives_cifar10_steps results/study/negatives_cifar10/bank_* \
+		results/study/negatives_cifar10/moco_* results/study/negatives_cifar10/e2e_64_* \
+		--out results/study/negatives_cifar10_steps
 
 lint:
 	$(PYTHON) -m ruff check contrastive tests benchmarks

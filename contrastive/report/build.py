@@ -181,6 +181,23 @@ class Report:
     plots: list[Path]
 
 
+def _sources(loaded: list[tuple[Path, list[Run]]]) -> str:
+    """The report's folders for its title, single run folders counted under their parent folder."""
+    folders: list[str] = []
+    picked: dict[Path, list[Path]] = {}
+    for root, found in loaded:
+        if len(found) == 1 and found[0].path == root:
+            if root.parent not in picked:
+                folders.append(str(root.parent))
+            picked.setdefault(root.parent, []).append(root)
+        else:
+            folders.append(f"`{root}`")
+    for parent, chosen in picked.items():
+        text = f"`{chosen[0]}`" if len(chosen) == 1 else f"{len(chosen)} runs of `{parent}`"
+        folders[folders.index(str(parent))] = text
+    return ", ".join(folders)
+
+
 def build_report(root: Path | Sequence[Path], out: Path | None = None, target: float | None = None) -> Report:
     """Write ``comparison.md`` and its PNG plots into ``out`` (default: the first ``root``) and return them as a
     :class:`Report`. ``root``: a folder of runs, or several (a run folder counts as one) whose runs are compared
@@ -209,7 +226,7 @@ def build_report(root: Path | Sequence[Path], out: Path | None = None, target: f
     claims = survey_claims(runs)
 
     lines = [
-        f"# Comparison of {len(runs)} runs in " + ", ".join(f"`{r}`" for r in roots),
+        f"# Comparison of {len(runs)} runs in {_sources(loaded)}",
         "",
         "## Runs",
         "",

@@ -1,5 +1,6 @@
 """`make study` (the survey study): every training command composes into a valid config, and the sweeps are the
-ones the README states (4 methods x 3 seeds; Figure 3 at equal epochs and at equal steps)."""
+ones the README states (4 methods x 3 seeds; Figure 3 at equal epochs and at equal steps: 500 steps for every point
+is tests/integration/test_budget.py's)."""
 
 from __future__ import annotations
 
@@ -41,13 +42,14 @@ def test_every_study_command_composes_and_validates():
             first = [a if "," not in a else f"{a.split('=', 1)[0]}={job[a.split('=', 1)[0]]}" for a in overrides]
             validate(make_cfg(first, fast=False))
     assert [s["seed"] for s in sweeps] == [["0", "1", "2"], ["0", "1"], ["0", "1"]]
-    # equal steps: only the end-to-end points train again (the bank's and MoCo's batch of 64 makes the equal-epoch
-    # sweep's 4 epochs exactly 500 steps); the report takes those points from the equal-epoch folder
-    assert sweeps[2]["+nsweep"] == ["e2e_32", "e2e_128", "e2e_512"]
-    for point in ("bank_64", "bank_256", "bank_1024", "bank_4096", "moco_64", "moco_256", "moco_1024", "moco_4096"):
-        cfg = make_cfg(["experiment=negatives_sweep", f"+nsweep={point}", "trainer.max_epochs=4"], fast=False)
-        assert cfg.data.batch_size == 64, point  # 8,000 images / 64 x 4 epochs = 500 steps
     cifar = make_cfg(["experiment=compare_cifar10_cpu"], fast=False)
     assert cifar.data.name == "npz"
-    steps = make_cfg(["experiment=negatives_sweep_steps", "trainer.max_steps=500"], fast=False)
-    assert (steps.trainer.max_epochs, steps.trainer.max_steps) == (-1, 500)
+    # Figure 3 on the same split, each mechanism with the comparison's settings for it
+    for point, method in (("e2e_64", "simclr"), ("bank_512", "memory_bank"), ("moco_4096", "moco")):
+        fig3 = make_cfg(["experiment=negatives_sweep_cifar10", f"+nsweep_cifar10={point}"], fast=False)
+        compared = make_cfg(["experiment=compare_cifar10_cpu", f"+cifar10_cpu={method}"], fast=False)
+        assert fig3.data == {**compared.data, "batch_size": 64}, point
+        assert fig3.augment == compared.augment and fig3.backbone == compared.backbone
+        assert fig3.method.name == method and fig3.optim.lr == compared.optim.lr
+        assert fig3.method.temperature == compared.method.temperature
+        assert fig3.method.get("symmetric") == compared.method.get("symmetric")
