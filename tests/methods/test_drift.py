@@ -88,3 +88,33 @@ def test_claim_b_is_judged_on_drift_when_recorded(tmp_path):
     ]
     claim = survey_claims(runs)[1]
     assert claim.verdict == "holds" and "encoder drift" in claim.rule and "regime" in claim.evidence
+
+
+def test_claim_b_is_judged_at_each_size_of_the_queue(tmp_path):
+    """MoCo's keys fresher than the bank's with a queue of 0.01x the data (the paper's regime), staler with one of half
+    the data: one verdict per regime, and the claim does not hold over both."""
+
+    def run(name, method, drift, ratio, seed):
+        metrics = {
+            "method": method,
+            "knn_acc": 50.0,
+            "drift": drift,
+            "drift_age_epochs": ratio,
+            "dictionary_ratio": ratio,
+        }
+        return Run(f"{name}{seed}", tmp_path, metrics, {"seed": str(seed)})
+
+    bank = [run("bank", "memory_bank", 0.010 + s / 1000, 1.0, s) for s in range(3)]
+    fresh = [run("small", "moco", 0.001 + s / 1000, 0.0126, s) for s in range(3)]
+    stale = [run("large", "moco", 0.050 + s / 1000, 0.51, s) for s in range(3)]
+    claim = survey_claims(bank + fresh)[1]
+    assert claim.verdict == "holds"
+    assert "regime of a queue 0.013x the data (the paper's: at most 0.05x): drift 0.0020 (n=3" in claim.evidence
+    claim = survey_claims(bank + fresh + stale)[1]
+    assert claim.verdict == "does not hold"
+    assert claim.evidence.index("0.013x") < claim.evidence.index("queue 0.51x the data: drift 0.0510 (n=3")
+    assert "memory bank: drift 0.0110 (n=3, keys 1.00 epochs old, dictionary / data 1.00)" in claim.evidence
+    same = [run("bank", "memory_bank", 0.010 + s / 1000, 1.0, s) for s in range(3)]
+    assert survey_claims(same + [run("m", "moco", 0.0105 + s / 1000, 0.013, s) for s in range(3)])[
+        1
+    ].verdict.startswith("within noise")
