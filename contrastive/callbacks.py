@@ -22,7 +22,7 @@ import lightning as L
 import numpy as np
 import torch
 import torch.distributed as tdist
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, RichProgressBar
 
 from contrastive.errors import TrainingDiverged
 
@@ -517,3 +517,15 @@ class CollapseWatch(Callback):
 
 
 # -- checkpoints on disk: what they hold, which one to resume -----------------------------------------------------
+
+
+class ProgressBar(RichProgressBar):
+    """Lightning's rich bar, which under a step budget (``trainer.max_epochs=-1``) reads "Epoch 3/-2": there it
+    shows the step count against the budget instead."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        trainer = self.trainer
+        if trainer.max_epochs == -1 and trainer.max_steps > 0:
+            description = f"Epoch {current_epoch}, step {trainer.global_step}/{trainer.max_steps}"
+            return f"{description:{len(self.validation_description)}}"
+        return super()._get_train_description(current_epoch)

@@ -83,13 +83,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """Train ``cfg.method`` on ``cfg.data``; returns the summary written to ``metrics.json``."""
     import lightning as L
     import torch
-    from lightning.pytorch.callbacks import Callback, LearningRateMonitor, RichProgressBar
+    from lightning.pytorch.callbacks import Callback, LearningRateMonitor
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from contrastive.callbacks import (
         CollapseWatch,
         DivergenceGuard,
         History,
+        ProgressBar,
         ResumeSettings,
         RNGState,
         ThreadGovernor,
@@ -173,7 +174,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.logger.name != "none":  # Lightning refuses a learning-rate monitor without a logger
         callbacks.append(LearningRateMonitor(logging_interval="epoch"))
     if cfg.trainer.enable_progress_bar:
-        callbacks.append(RichProgressBar(leave=True))
+        callbacks.append(ProgressBar(leave=True))
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_args["strategy"] = build_strategy(cfg)
     trainer = L.Trainer(

@@ -81,3 +81,16 @@ def test_a_step_budget_trains_that_many_steps_with_the_warmup_in_epochs(tmp_path
     assert all(a < b for a, b in zip(rising, rising[1:]))
     if per_epoch < steps:
         assert lrs.index(max(lrs)) == per_epoch - 1 and lrs[-1] < max(lrs)
+
+
+def test_the_progress_bar_counts_steps_under_a_step_budget():
+    """Lightning's bar reads "Epoch 3/-2" when max_epochs is -1; ours shows the step against the budget."""
+    from types import SimpleNamespace
+
+    from contrastive.callbacks import ProgressBar
+
+    bar = ProgressBar()
+    bar._trainer = SimpleNamespace(max_epochs=-1, max_steps=500, global_step=37)
+    assert bar._get_train_description(3).strip() == "Epoch 3, step 37/500"
+    bar._trainer = SimpleNamespace(max_epochs=4, max_steps=-1, global_step=37)
+    assert bar._get_train_description(3).strip() == "Epoch 3/3"
