@@ -247,8 +247,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "drift_age_epochs",
         "dictionary_ratio",
     ):
-        if key in last:
-            summary[key] = last[key]
+        # a step budget can end inside an epoch, whose record then lacks the end-of-epoch figures: the latest one
+        value = next((record[key] for record in reversed(history.records) if key in record), None)
+        if value is not None:
+            summary[key] = value
     if cfg.eval.final:
         summary.update(evaluate_encoder(model.backbone, model.eval_transform, datamodule, cfg.eval, device))
     if cfg.eval.stages:

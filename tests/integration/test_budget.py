@@ -48,7 +48,7 @@ def test_every_point_of_the_studys_figure_3_takes_500_steps_at_equal_steps(point
 def test_a_step_budget_trains_that_many_steps_with_the_warmup_in_epochs(tmp_path, batch):
     from lightning.pytorch.callbacks import Callback
 
-    steps = 6
+    steps = 7
     overrides = [
         f"data.batch_size={batch}",
         "trainer.max_epochs=-1",
@@ -59,7 +59,10 @@ def test_a_step_budget_trains_that_many_steps_with_the_warmup_in_epochs(tmp_path
         "eval.final=false",
     ]
     train(make_cfg(overrides, tmp_path=tmp_path))
-    assert json.loads((tmp_path / "metrics.json").read_text())["global_steps"] == steps
+    summary = json.loads((tmp_path / "metrics.json").read_text())
+    assert summary["global_steps"] == steps
+    if batch == 64:  # 3 steps an epoch: the budget ends 1 step into the third; the last whole epoch's figures stay
+        assert summary["negatives_per_query"] == 2 * 64 - 2 and summary["linear_acc"] is not None
 
     class LearningRates(Callback):
         def __init__(self):
