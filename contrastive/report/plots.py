@@ -160,19 +160,20 @@ def plot_throughput_memory(runs: list[Run], labels: dict[str, str], path: Path) 
     if not any(run.num(key) is not None for run in runs for key, _, _ in panels):
         return False
     colors = _colors(runs)
-    fig = Figure(figsize=(11, 0.4 * len(runs) + 1.5))
-    for ax, (key, title, unit) in zip(fig.subplots(1, 2), panels):
-        shown = [run for run in runs if run.num(key) is not None]
+    names = [labels[run.name] for run in runs]
+    # one column of run labels, on the left, shared by both panels (long sweep labels would cover the left panel)
+    fig = Figure(figsize=(7 + 0.07 * max(len(name) for name in names), 0.4 * len(runs) + 1.5))
+    axes = fig.subplots(1, 2, sharey=True)
+    for ax, (key, title, unit) in zip(axes, panels):
+        values = [run.num(key) for run in runs]
         bars = ax.barh(
-            [labels[run.name] for run in shown],
-            [run.num(key) for run in shown],
-            color=[colors[run.method] for run in shown],
+            range(len(runs)), [0 if v is None else v for v in values], color=[colors[run.method] for run in runs]
         )
-        ax.bar_label(bars, fmt="%.0f", fontsize=7, padding=2)
-        ax.invert_yaxis()  # first run on top, as in the table
+        ax.bar_label(bars, labels=["-" if v is None else f"{v:.0f}" for v in values], fontsize=7, padding=2)
         ax.set(xlabel=unit, title=title)
-        ax.tick_params(axis="y", labelsize=8)
         ax.margins(x=0.15)
+    axes[0].set_yticks(range(len(runs)), names, fontsize=8)
+    axes[0].invert_yaxis()  # first run on top, as in the table
     fig.tight_layout()
     _save(fig, path)
     return True
