@@ -50,8 +50,8 @@ bench-gpu:
 # equal epochs (4), and at equal optimiser steps (500): the batch-64 points (bank, MoCo, end-to-end at 64) take 500
 # steps in their 4 epochs, so the equal-step part trains only the end-to-end points at batches 16 and 256 again and
 # its report takes the batch-64 runs from the equal-epoch part. Each run's metrics.json and config.yaml are copied
-# under results/study/, one report per part beside them. About 3 hours on a 2-core CPU, two runs at a time (the four
-# methods about 41 min a seed, Figure 3 about 35 min at equal epochs and 18 min at equal steps).
+# under results/study/, one report per part beside them. About 3 h 10 min on a 2-core CPU, two runs at a time (the
+# four methods about 42 min a seed, Figure 3 41 min at equal epochs and 20 min at equal steps; 2026-11-29).
 STUDY ?= runs/study
 DATA ?= ../shared/data
 SIDE_BY_SIDE = hydra/launcher=parallel perf.threads=1 resume=auto data.root=$(DATA)
