@@ -23,7 +23,18 @@ def test_every_point_of_the_equal_step_sweep_schedules_the_same_steps(point):
     assert equal_epochs.trainer.max_epochs == 20 and equal_epochs.trainer.max_steps == -1
 
 
-CIFAR_POINTS = ["e2e_16", "e2e_64", "e2e_256", "bank_64", "bank_512", "bank_4096", "moco_64", "moco_512", "moco_4096"]
+CIFAR_POINTS = [
+    "e2e_16",
+    "e2e_64",
+    "e2e_256",
+    "bank_1",
+    "bank_64",
+    "bank_512",
+    "bank_4096",
+    "moco_64",
+    "moco_512",
+    "moco_4096",
+]
 
 
 @pytest.mark.parametrize("point", CIFAR_POINTS)
