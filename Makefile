@@ -46,12 +46,12 @@ bench-gpu:
 
 # The survey study, resumable (run it again after a stop: finished runs are kept, the others resume; each run's
 # folder is named by its method or sweep point and seed, so a part run alone, e.g. seed=0, is found again), all on the
-# CIFAR-10 split: the four methods x 3 seeds with per-stage probes; the MoCo paper's Figure 3 (9 points, 2 seeds) at
+# CIFAR-10 split: the four methods x 3 seeds with per-stage probes; the MoCo paper's Figure 3 (10 points, 2 seeds) at
 # equal epochs (4), and at equal optimiser steps (500): the batch-64 points (bank, MoCo, end-to-end at 64) take 500
 # steps in their 4 epochs, so the equal-step part trains only the end-to-end points at batches 16 and 256 again and
 # its report takes the batch-64 runs from the equal-epoch part. Each run's metrics.json and config.yaml are copied
 # under results/study/, one report per part beside them. About 3 h 10 min on a 2-core CPU, two runs at a time (the
-# four methods about 42 min a seed, Figure 3 41 min at equal epochs and 20 min at equal steps; 2026-11-29).
+# four methods about 42 min a seed, Figure 3 44 min at equal epochs and 20 min at equal steps; 2026-11-29).
 STUDY ?= runs/study
 DATA ?= ../shared/data
 SIDE_BY_SIDE = hydra/launcher=parallel perf.threads=1 resume=auto data.root=$(DATA)
