@@ -521,11 +521,11 @@ class CollapseWatch(Callback):
 
 class ProgressBar(RichProgressBar):
     """Lightning's rich bar, which under a step budget (``trainer.max_epochs=-1``) reads "Epoch 3/-2": there it
-    shows the step count against the budget instead."""
+    names the budget instead (the description is set once an epoch, so it cannot count the steps)."""
 
     def _get_train_description(self, current_epoch: int) -> str:
         trainer = self.trainer
         if trainer.max_epochs == -1 and trainer.max_steps > 0:
-            description = f"Epoch {current_epoch}, step {trainer.global_step}/{trainer.max_steps}"
+            description = f"Epoch {current_epoch} of a {trainer.max_steps}-step budget"
             return f"{description:{len(self.validation_description)}}"
         return super()._get_train_description(current_epoch)

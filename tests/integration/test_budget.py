@@ -98,13 +98,13 @@ def test_a_step_budget_trains_that_many_steps_with_the_warmup_in_epochs(tmp_path
 
 
 def test_the_progress_bar_counts_steps_under_a_step_budget():
-    """Lightning's bar reads "Epoch 3/-2" when max_epochs is -1; ours shows the step against the budget."""
+    """Lightning's bar reads "Epoch 3/-2" when max_epochs is -1; ours names the step budget."""
     from types import SimpleNamespace
 
     from contrastive.callbacks import ProgressBar
 
     bar = ProgressBar()
     bar._trainer = SimpleNamespace(max_epochs=-1, max_steps=500, global_step=37)
-    assert bar._get_train_description(3).strip() == "Epoch 3, step 37/500"
+    assert bar._get_train_description(3).strip() == "Epoch 3 of a 500-step budget"
     bar._trainer = SimpleNamespace(max_epochs=4, max_steps=-1, global_step=37)
     assert bar._get_train_description(3).strip() == "Epoch 3/3"
