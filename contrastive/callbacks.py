@@ -516,9 +516,6 @@ class CollapseWatch(Callback):
             warnings.warn(message, CollapseWarning, stacklevel=2)
 
 
-# -- checkpoints on disk: what they hold, which one to resume -----------------------------------------------------
-
-
 class ProgressBar(RichProgressBar):
     """Lightning's rich bar, which under a step budget (``trainer.max_epochs=-1``) reads "Epoch 3/-2": there it
     names the budget instead (the description is set once an epoch, so it cannot count the steps)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,19 +184,15 @@ class Report:
 
 def _sources(loaded: list[tuple[Path, list[Run]]]) -> str:
     """The report's folders for its title, single run folders counted under their parent folder."""
-    folders: list[str] = []
-    picked: dict[Path, list[Path]] = {}
-    for root, found in loaded:
-        if len(found) == 1 and found[0].path == root:
-            if root.parent not in picked:
-                folders.append(str(root.parent))
-            picked.setdefault(root.parent, []).append(root)
-        else:
-            folders.append(f"`{root}`")
-    for parent, chosen in picked.items():
-        text = f"`{chosen[0]}`" if len(chosen) == 1 else f"{len(chosen)} runs of `{parent}`"
-        folders[folders.index(str(parent))] = text
-    return ", ".join(folders)
+    singles = [root for root, found in loaded if len(found) == 1 and found[0].path == root]
+    per_parent = Counter(root.parent for root in singles)
+    parts: list[str] = []
+    for root, _ in loaded:
+        if root not in singles or per_parent[root.parent] == 1:
+            parts.append(f"`{root}`")
+        elif (text := f"{per_parent[root.parent]} runs of `{root.parent}`") not in parts:
+            parts.append(text)
+    return ", ".join(parts)
 
 
 def build_report(root: Path | Sequence[Path], out: Path | None = None, target: float | None = None) -> Report:

@@ -104,7 +104,7 @@ def test_the_progress_bar_counts_steps_under_a_step_budget():
     from contrastive.callbacks import ProgressBar
 
     bar = ProgressBar()
-    bar._trainer = SimpleNamespace(max_epochs=-1, max_steps=500, global_step=37)
+    bar._trainer = SimpleNamespace(max_epochs=-1, max_steps=500)
     assert bar._get_train_description(3).strip() == "Epoch 3 of a 500-step budget"
-    bar._trainer = SimpleNamespace(max_epochs=4, max_steps=-1, global_step=37)
+    bar._trainer = SimpleNamespace(max_epochs=4, max_steps=-1)
     assert bar._get_train_description(3).strip() == "Epoch 3/3"

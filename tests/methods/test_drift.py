@@ -71,20 +71,22 @@ def test_runs_record_drift_age_and_regime(tmp_path):
         assert all("drift" in record for record in saved["history"])
 
 
-def test_claim_b_is_judged_on_drift_when_recorded(tmp_path):
-    def run(name, family_method, drift, seed):
-        metrics = {
-            "method": family_method,
-            "knn_acc": 50.0,
-            "drift": drift,
-            "drift_age_epochs": 0.5,
-            "dictionary_ratio": 1.0,
-            "staleness": 0.5,
-        }
-        return Run(f"{name}{seed}", tmp_path, metrics, {"seed": str(seed)})
+def drift_run(root, name: str, method: str, drift: float, seed: int, ratio: float = 1.0, age: float = 0.5) -> Run:
+    """A run's summary as the report reads it: drift, its age and the dictionary / data ratio."""
+    metrics = {
+        "method": method,
+        "knn_acc": 50.0,
+        "drift": drift,
+        "drift_age_epochs": age,
+        "dictionary_ratio": ratio,
+        "staleness": 0.5,
+    }
+    return Run(f"{name}{seed}", root, metrics, {"seed": str(seed)})
 
-    runs = [run("b", "memory_bank", 0.10 + s / 100, s) for s in range(3)] + [
-        run("m", "moco", 0.02 + s / 100, s) for s in range(3)
+
+def test_claim_b_is_judged_on_drift_when_recorded(tmp_path):
+    runs = [drift_run(tmp_path, "b", "memory_bank", 0.10 + s / 100, s) for s in range(3)] + [
+        drift_run(tmp_path, "m", "moco", 0.02 + s / 100, s) for s in range(3)
     ]
     claim = survey_claims(runs)[1]
     assert claim.verdict == "holds" and "encoder drift" in claim.rule and "regime" in claim.evidence
@@ -95,18 +97,12 @@ def test_claim_b_is_judged_at_each_size_of_the_queue(tmp_path):
     the data: one verdict per regime, and the claim does not hold over both."""
 
     def run(name, method, drift, ratio, seed):
-        metrics = {
-            "method": method,
-            "knn_acc": 50.0,
-            "drift": drift,
-            "drift_age_epochs": ratio,
-            "dictionary_ratio": ratio,
-        }
-        return Run(f"{name}{seed}", tmp_path, metrics, {"seed": str(seed)})
+        return drift_run(tmp_path, name, method, drift, seed, ratio=ratio, age=ratio)
 
     bank = [run("bank", "memory_bank", 0.010 + s / 1000, 1.0, s) for s in range(3)]
     fresh = [run("small", "moco", 0.001 + s / 1000, 0.0126, s) for s in range(3)]
     stale = [run("large", "moco", 0.050 + s / 1000, 0.51, s) for s in range(3)]
+    level = [run("m", "moco", 0.0105 + s / 1000, 0.013, s) for s in range(3)]
     claim = survey_claims(bank + fresh)[1]
     assert claim.verdict == "holds"
     assert "regime of a queue 0.013x the data (the paper's: at most 0.05x): drift 0.0020 (n=3" in claim.evidence
@@ -114,7 +110,4 @@ def test_claim_b_is_judged_at_each_size_of_the_queue(tmp_path):
     assert claim.verdict == "does not hold"
     assert claim.evidence.index("0.013x") < claim.evidence.index("queue 0.51x the data: drift 0.0510 (n=3")
     assert "memory bank: drift 0.0110 (n=3, keys 1.00 epochs old, dictionary / data 1.00)" in claim.evidence
-    same = [run("bank", "memory_bank", 0.010 + s / 1000, 1.0, s) for s in range(3)]
-    assert survey_claims(same + [run("m", "moco", 0.0105 + s / 1000, 0.013, s) for s in range(3)])[
-        1
-    ].verdict.startswith("within noise")
+    assert survey_claims(bank + level)[1].verdict.startswith("within noise")
