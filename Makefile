@@ -55,7 +55,7 @@ bench-gpu:
 STUDY ?= runs/study
 DATA ?= ../shared/data
 SIDE_BY_SIDE = hydra/launcher=parallel perf.threads=1 resume=auto data.root=$(DATA)
-POINT = 'hydra.sweep.subdir=$${hydra:runtime.choices.nsweep_cifar10}_seed$${seed}'
+POINT = 'hydra.sweep.subdir=$${hydra:runtime.choices.experiment/nsweep_cifar10}_seed$${seed}'
 study: install
 	$(PYTHON) -m contrastive.train -m experiment=compare_cifar10_cpu seed=0,1,2 eval.stages=true $(SIDE_BY_SIDE) \
 		hydra.sweep.dir=$(STUDY)/cifar10 \

@@ -15,7 +15,10 @@ machine; a ratio is the median over rounds of these paired ratios. The contender
   ``NTXentLoss``) on the same backbone, data, batch and optimiser, run by the Python that has lightly installed.
 
 Each worker also audits one training step for operations that make the host wait for the device (scalar reads,
-boolean-mask indexing, ...), and the SimCLR-like workers report the kNN accuracy after the same number of steps.
+boolean-mask indexing, ...) and counts the FLOPs of one untimed step (``contrastive.metrics.flops``); with the
+machine's peak, measured once by the coordinator (a dense matrix product with the contenders' threads), that gives
+each contender's achieved FLOP/s and utilisation. The SimCLR-like workers report the kNN accuracy after the same
+number of steps.
 
 ``make bench-gpu`` is ``--device cuda --lightly none --markdown BENCHMARKS.md``: the GPU recipe (bf16,
 channels_last, ``cpu_aug``, a whole SimCLR epoch eager and compiled) at CIFAR size, written as a section of the
@@ -168,7 +171,8 @@ def compose_config(settings: Settings, method: str, steps: int, extra: tuple[str
     from hydra import compose, initialize_config_module
     from omegaconf import OmegaConf
 
-    from contrastive.config import register_configs, validate
+    from contrastive.config import register_configs
+    from contrastive.validate import validate
 
     register_configs()
     with initialize_config_module("contrastive.conf", version_base="1.3"):
@@ -399,6 +403,39 @@ def _device_sync(device: str) -> Callable[[], None]:
     return torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
 
+def flops_step(s: Settings) -> int | None:
+    """The step whose FLOPs a worker counts: the last warmup step (untimed, and not the audited one)."""
+    return s.warmup - 1 if s.warmup >= 1 else None
+
+
+class LoopFlops:
+    """FLOPs of one step of a plain loop: :meth:`before` after the fetch, :meth:`after` at the step's end."""
+
+    def __init__(self, s: Settings, parts: dict[str, Any]) -> None:
+        from contrastive.metrics.flops import FlopCounter
+
+        self.at, self.counter = flops_step(s), FlopCounter(parts)
+        self.images = s.batch
+
+    def before(self, step: int) -> None:
+        if step == self.at:
+            self.counter.start()
+
+    def after(self, step: int) -> None:
+        if step == self.at:
+            self.counter.stop()
+
+    def summary(self) -> dict[str, Any]:
+        return step_flops_result(self.counter.count, self.images)
+
+
+def step_flops_result(count, images: int) -> dict[str, Any]:
+    """A worker's counted step as JSON: FLOPs of the step, the images it trained on, FLOPs by part."""
+    if count is None or not images:
+        return {}
+    return {"step_flops": count.total, "step_images": images, "step_flops_parts": count.parts}
+
+
 def _knn(backbone, eval_transform, datamodule, cfg, device) -> float:
     from contrastive.evaluate import extract_features
     from contrastive.metrics import knn_accuracy
@@ -423,8 +460,8 @@ def _setup_worker(spec: dict[str, Any]):
 
 
 def _datamodule(cfg):
-    from contrastive.config import validate_with_data
     from contrastive.data.datamodule import ContrastiveDataModule
+    from contrastive.validate import validate_with_data
 
     dm = ContrastiveDataModule(cfg.data)
     dm.setup("fit")
@@ -438,8 +475,8 @@ def run_framework(spec: dict[str, Any], channel: Channel) -> dict[str, Any]:
     from lightning.pytorch.callbacks import Callback
 
     from contrastive.launch import build_strategy
+    from contrastive.loggers import build_logger
     from contrastive.methods import build_method
-    from contrastive.train import build_logger
 
     s, cfg, device = _setup_worker(spec)
     L.seed_everything(cfg.seed, verbose=False)
@@ -449,6 +486,9 @@ def run_framework(spec: dict[str, Any], channel: Channel) -> dict[str, Any]:
         model = model.to(memory_format=torch.channels_last)
     result: dict[str, Any] = {}
     want_knn = s.knn and spec["name"] == "simclr"
+    from contrastive.flops_callback import FlopsCallback
+
+    flops = FlopsCallback(at_step=flops_step(s), measure_peak=False) if flops_step(s) is not None else None
     if want_knn:
         result["init_knn_acc"] = _knn(model.backbone.to(device), model.eval_transform, dm, cfg, device)
     schedule = Schedule(s, "framework", spec["name"], channel, _device_sync(s.device), audit=s.audit and not s.compile)
@@ -476,8 +516,8 @@ def run_framework(spec: dict[str, Any], channel: Channel) -> dict[str, Any]:
         trainer = L.Trainer(
             **trainer_args,
             default_root_dir=out,
-            logger=build_logger(cfg, Path(out)),
-            callbacks=[Driver()],
+            logger=build_logger(cfg.logger, Path(out)),
+            callbacks=[Driver(), *([flops] if flops else [])],
             enable_checkpointing=False,
             enable_model_summary=False,
             sync_batchnorm=cfg.backbone.sync_batchnorm,
@@ -487,6 +527,8 @@ def run_framework(spec: dict[str, Any], channel: Channel) -> dict[str, Any]:
         trainer.fit(model, datamodule=dm)
         schedule.wait_finish()
         result.update(schedule.summary())
+        if flops is not None:
+            result.update(step_flops_result(flops.step, flops.step_images))
         if want_knn:
             result["knn_acc"] = _knn(model.backbone, model.eval_transform, dm, cfg, device)
         if s.epoch and spec["name"] == "simclr":
@@ -572,6 +614,7 @@ def run_bare(spec: dict[str, Any], channel: Channel) -> dict[str, Any]:
     encoder = torch.compile(backbone) if cfg.perf.compile else backbone
     bf16 = cfg.trainer.precision.startswith("bf16")
     schedule = Schedule(s, "bare", "bare", channel, _device_sync(s.device), audit=s.audit and not s.compile)
+    flops = LoopFlops(s, {"backbone": backbone, "projector": projector})
     dm.device = device  # for data.on_device: there is no Trainer to say where
     batches = _cycle(dm.train_dataloader())
     for step in range(spec["total_steps"]):
@@ -579,6 +622,7 @@ def run_bare(spec: dict[str, Any], channel: Channel) -> dict[str, Any]:
         images, _, _ = next(batches)
         images = images.to(device, non_blocking=True)
         schedule.fetched(step)
+        flops.before(step)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             with torch.no_grad():
                 views = augment(images)
@@ -588,9 +632,10 @@ def run_bare(spec: dict[str, Any], channel: Channel) -> dict[str, Any]:
         loss.backward()
         optimizer.step()
         lr_schedule.step()
+        flops.after(step)
         schedule.step_end(step)
     schedule.wait_finish()
-    result = schedule.summary()
+    result = {**schedule.summary(), **flops.summary()}
     if s.knn:
         result["knn_acc"] = _knn(backbone, _eval_transform(cfg).to(device), dm, cfg, device)
     return result
@@ -731,20 +776,23 @@ def run_loader_loop(spec: dict[str, Any], channel: Channel) -> dict[str, Any]:
         multiprocessing_context=mp.get_context("fork") if s.loader_workers > 0 else None,
     )
     schedule = Schedule(s, spec["kind"], spec["name"], channel, _device_sync(s.device), audit=s.audit)
+    flops = LoopFlops(s, {"backbone": backbone, "projector": projector})
     batches = _cycle(loader)
     for step in range(spec["total_steps"]):
         schedule.before_fetch(step)
         (x1, x2), _ = next(batches)
         x1, x2 = x1.to(device, non_blocking=True), x2.to(device, non_blocking=True)
         schedule.fetched(step)
+        flops.before(step)
         loss = criterion(projector(backbone(x1)), projector(backbone(x2)))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         lr_schedule.step()
+        flops.after(step)
         schedule.step_end(step)
     schedule.wait_finish()
-    result = schedule.summary()
+    result = {**schedule.summary(), **flops.summary()}
     if version:
         result["lightly_version"] = version
     if s.knn:
@@ -950,7 +998,30 @@ def paired_ratio(result: dict[str, Any], key: str = "step_s") -> float:
     return _median([x[key] / ref for x, ref in zip(result["rounds"], result[f"reference_{key}"])])
 
 
-def summarise(s: Settings, results: dict[str, Any]) -> dict[str, Any]:
+def measure_peak(s: Settings) -> dict[str, Any]:
+    """The machine's reachable peak, once per benchmark: a dense matrix product with the contenders' threads, in
+    float32 and bf16 (where the device runs it natively), and on CUDA the datasheet's dense peak of the device."""
+    from contrastive.metrics.flops import compute_dtype, datasheet_peak, low_precision_supported, matmul_peak
+
+    device = torch.device(s.device)
+    dtype = compute_dtype(s.precision)
+    peaks = {"float32": matmul_peak(device, torch.float32, s.threads)}
+    for low in (torch.bfloat16, dtype):
+        name = str(low).removeprefix("torch.")
+        if name not in peaks and low_precision_supported(device, low):
+            peaks[name] = matmul_peak(device, low, s.threads)
+    out: dict[str, Any] = {"flops": {k: round(v) for k, v in peaks.items()}, "dtype": str(dtype).removeprefix("torch.")}
+    if s.device == "cpu":
+        out["threads"] = s.threads
+    sheet = datasheet_peak(device, dtype)
+    if sheet is not None:
+        out["datasheet_device"], out["datasheet_flops"] = sheet[0], round(sheet[1])
+    return out
+
+
+def summarise(s: Settings, results: dict[str, Any], peak: dict[str, Any] | None = None) -> dict[str, Any]:
+    from contrastive.metrics.flops import FlopCount, compute_dtype, efficiency
+
     for r in results.values():
         step = _median([x["step_s"] for x in r["rounds"]])
         data = _median([x["data_s"] for x in r["rounds"]])
@@ -963,6 +1034,10 @@ def summarise(s: Settings, results: dict[str, Any]) -> dict[str, Any]:
             cpu_s=round(cpu, 5),
             cores_busy=round(cpu / step, 2),
         )
+        if "step_flops" in r and peak is not None:
+            count = FlopCount(r["step_flops"], r.get("step_flops_parts", {}))
+            peaks = {k: float(v) for k, v in peak["flops"].items()}
+            r.update(efficiency(count, r["step_images"], r["images_per_sec"], peaks, compute_dtype(s.precision)))
     ratios: dict[str, Any] = {}
     ratios["framework_vs_bare"] = _target("framework_vs_bare", 1 / paired_ratio(results["bare"]))
     for name, r in results.items():
@@ -992,7 +1067,7 @@ def table(report: dict[str, Any]) -> str:
         "",
         (
             f"{'contender':<12} {'images/s':>10} {'step ms':>9} {'data ms':>8} {'data/step':>9} {'cores':>6} "
-            f"{'mem MB':>8} {'syncs/step':>10} {'kNN':>6}"
+            f"{'mem MB':>8} {'syncs/step':>10} {'kNN':>6} {'GFLOP/img':>9} {'GFLOP/s':>8} {'util':>6}"
         ),
     ]
     for name, r in report["results"].items():
@@ -1001,7 +1076,8 @@ def table(report: dict[str, Any]) -> str:
             f"{name:<12} {r['images_per_sec']:>10.1f} {1000 * r['step_s']:>9.1f} {1000 * r['data_s']:>8.2f} "
             f"{r['data_vs_step']:>9.3f} {r['cores_busy']:>6.2f} {r.get('train_mem_mb', r['peak_mem_mb']):>8.0f} "
             f"{'-' if syncs is None else syncs:>10} "
-            f"{r.get('knn_acc', '-'):>6}"
+            f"{r.get('knn_acc', '-'):>6} {_scaled(r.get('flops_per_image'), 1e9, 3):>9} "
+            f"{_scaled(r.get('achieved_flops'), 1e9, 1):>8} {_scaled(r.get('utilisation'), 0.01, 1, '%'):>6}"
         )
     lines += ["", f"{'ratio':<28} {'value':>8} {'target':>8}  met"]
     for name, t in report["ratios"].items():
@@ -1013,6 +1089,7 @@ def table(report: dict[str, Any]) -> str:
                 f"simclr epoch ({label}, {s['precision']}): {reference[f'{prefix}epoch_s']:.3f} s for "
                 f"{reference[f'{prefix}epoch_images']} images, peak {reference[f'{prefix}epoch_peak_mem_mb']:.0f} MB"
             )
+    lines.append(peak_line(report))
     lines.append(
         "mem MB: "
         + (
@@ -1024,6 +1101,29 @@ def table(report: dict[str, Any]) -> str:
     for note in report["notes"]:
         lines.append(f"note: {note}")
     return "\n".join(lines)
+
+
+def _scaled(value: float | None, scale: float, digits: int, suffix: str = "") -> str:
+    return "-" if value is None else f"{value / scale:.{digits}f}{suffix}"
+
+
+def peak_line(report: dict[str, Any]) -> str:
+    """The measured peak the utilisation is relative to, in words."""
+    peak = report.get("peak")
+    if not peak:
+        return "peak: not measured"
+    flops = ", ".join(f"{name} {v / 1e9:,.1f} GFLOP/s" for name, v in peak["flops"].items())
+    threads = f" with {peak['threads']} thread(s)" if "threads" in peak else ""
+    sheet = (
+        f"; datasheet ({peak['datasheet_device']}, {peak['dtype']}, dense) "
+        f"{peak['datasheet_flops'] / 1e12:,.0f} TFLOP/s"
+        if "datasheet_flops" in peak
+        else ""
+    )
+    return (
+        f"peak (best dense matmul{threads}): {flops}; utilisation = achieved FLOP/s / the {peak['dtype']} peak "
+        f"(FLOPs: matmuls and convolutions of one step, forward and backward){sheet}"
+    )
 
 
 def markdown_section(report: dict[str, Any]) -> str:
@@ -1058,16 +1158,20 @@ def markdown_section(report: dict[str, Any]) -> str:
                 )
         lines.append("")
     lines += [
-        f"| contender | images/s | step ms | data ms | data/step | mem MB ({mem}) | syncs/step | kNN |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        f"| contender | images/s | step ms | data ms | data/step | mem MB ({mem}) | syncs/step | kNN | GFLOP/image "
+        "| achieved GFLOP/s | utilisation |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, r in results.items():
         syncs = r.get("sync_points")
         lines.append(
             f"| {name} | {r['images_per_sec']:.1f} | {1000 * r['step_s']:.2f} | {1000 * r['data_s']:.2f} | "
             f"{r['data_vs_step']:.3f} | {r.get('train_mem_mb', r['peak_mem_mb']):.0f} | "
-            f"{'-' if syncs is None else syncs} | {r.get('knn_acc', '-')} |"
+            f"{'-' if syncs is None else syncs} | {r.get('knn_acc', '-')} | "
+            f"{_scaled(r.get('flops_per_image'), 1e9, 3)} | {_scaled(r.get('achieved_flops'), 1e9, 1)} | "
+            f"{_scaled(r.get('utilisation'), 0.01, 1, ' %')} |"
         )
+    lines += ["", peak_line(report) + "."]
     lines += ["", "| ratio (median of paired rounds; epoch: seconds) | value | target | met |", "|---|---:|---|---|"]
     for name, t in ratios.items():
         lines.append(f"| {name} | {t['value']:.3f} | {t['target']} | {'yes' if t['met'] else 'no'} |")
@@ -1193,8 +1297,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         return None
     s, notes = settings_from_args(args)
     start = time.perf_counter()
+    peak = measure_peak(s)  # before the workers start: the machine as they will find it, nothing else of ours busy
     results = run(s)
-    report = summarise(s, results)
+    report = summarise(s, results, peak)
     import lightning
 
     device_name = cpu_model() if s.device == "cpu" else results["simclr"].get("gpu", "cuda")
@@ -1216,6 +1321,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
             "reference_chunks": s.chunks(REFERENCE),
             "train_images": s.train_images,
         },
+        "peak": peak,
         **report,
         "notes": notes,
         "wall_s": round(time.perf_counter() - start, 1),

@@ -18,7 +18,7 @@ from lightning.fabric.plugins.io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
 
-from contrastive.config import ConfigError, check_resume
+from contrastive.errors import ConfigError, require
 
 log = logging.getLogger("contrastive")
 
@@ -128,19 +128,32 @@ def verify_checksums(path: str | Path) -> None:
 
 def checkpoint_method(checkpoint: dict[str, Any]) -> str | None:
     """``method.name`` the checkpoint was trained with (from its saved hyper-parameters)."""
-    return checkpoint.get("hyper_parameters", {}).get("cfg", {}).get("method", {}).get("name")
+    value: Any = checkpoint
+    for key in ("hyper_parameters", "cfg", "method", "name"):
+        value = value.get(key) if isinstance(value, dict) else None
+    return value if isinstance(value, str) else None
 
 
-def find_resume_checkpoint(folder: str | Path, method: str) -> tuple[Path | None, str]:
-    """The newest readable ``*.ckpt`` in ``folder`` trained with ``method``, and a line saying what was found."""
+def scan_checkpoints(folder: str | Path) -> list[tuple[Path, str | None, bool]]:
+    """Every ``*.ckpt`` in ``folder``, newest first, as ``(path, method, readable)``."""
     folder = Path(folder)
     paths = list(folder.glob("*.ckpt")) if folder.is_dir() else []
-    candidates = sorted(paths, key=lambda p: p.stat().st_mtime, reverse=True)
-    skipped = []
-    for path in candidates:
+    found = []
+    for path in sorted(paths, key=lambda p: p.stat().st_mtime, reverse=True):
         try:
-            found = checkpoint_method(read_checkpoint(path))
+            found.append((path, checkpoint_method(read_checkpoint(path)), True))
         except ValueError:
+            found.append((path, None, False))
+    return found
+
+
+def find_resume_checkpoint(
+    folder: str | Path, method: str, scanned: list[tuple[Path, str | None, bool]] | None = None
+) -> tuple[Path | None, str]:
+    """The newest readable ``*.ckpt`` in ``folder`` trained with ``method``, and a line saying what was found."""
+    skipped = []
+    for path, found, readable in scan_checkpoints(folder) if scanned is None else scanned:
+        if not readable:
             skipped.append(f"{path.name} (unreadable)")
             continue
         if found == method:
@@ -151,10 +164,23 @@ def find_resume_checkpoint(folder: str | Path, method: str) -> tuple[Path | None
 
 
 def resume_checkpoint(cfg: DictConfig, out: Path) -> str | None:
-    """``ckpt_path`` if given; with ``resume=auto`` the newest checkpoint of this method in the run folder, if any."""
+    """``ckpt_path`` if given; with ``resume=auto`` the newest checkpoint of this method in the run folder, if any.
+    A readable checkpoint of another method there is another run's: refused, never trained over."""
     if cfg.ckpt_path or cfg.resume != "auto":
         return cfg.ckpt_path
-    path, line = find_resume_checkpoint(out / "checkpoints", cfg.method.name)
+    folder = out / "checkpoints"
+    scanned = scan_checkpoints(folder)
+    path, line = find_resume_checkpoint(folder, cfg.method.name, scanned)
+    others = [(p, found) for p, found, readable in scanned if readable and found != cfg.method.name]
+    if path is None and others:
+        held, method = others[0]
+        whose = f"was trained with method={method}" if method else "holds no method (not a contrastive run)"
+        keep = f"continue it with method={method}, or " if method else ""
+        raise ConfigError(
+            f"resume=auto with method={cfg.method.name}: the run folder {out} holds another run "
+            f"({held.relative_to(out)} {whose}), which this run would overwrite: {keep}start this run in a new "
+            "folder (hydra.run.dir=... or output_dir=...)"
+        )
     log.info(line)
     if path:
         check_resume(cfg, str(path))
@@ -172,8 +198,11 @@ def check_run_folder(out: Path, ckpt_path: str | None, auto: bool = False) -> No
     own = ckpt_path is not None and Path(ckpt_path).resolve().parent == (out / "checkpoints").resolve()
     if held and not own:
         found = ", ".join(str(p.relative_to(out)) for p in held[:3])
+        # with resume=auto already given, only its finished summary is left (no checkpoint of this method)
+        fix = "" if auto else "continue it with resume=auto, or "
+        what = "a finished run" if auto else "a run"
         raise ConfigError(
-            f"the run folder {out} already holds a run ({found}): continue it with resume=auto, or "
+            f"the run folder {out} already holds {what} ({found}): {fix}"
             "start this one in a new folder (hydra.run.dir=... or output_dir=...)"
         )
 
@@ -200,7 +229,7 @@ def check_compatible(model: L.LightningModule, ckpt_path: str) -> dict[str, Any]
     """The checkpoint's tensors have this model's names and shapes (a changed width, head, bank or queue size would
     otherwise fail inside ``fit`` with a long traceback); returns the checkpoint."""
     checkpoint = read_checkpoint(ckpt_path)
-    saved = checkpoint["state_dict"]
+    saved = model.upgrade_state_dict(checkpoint["state_dict"])  # names of earlier layouts, as loading renames them
     own = model.state_dict()
     problems = [f"{k} missing" for k in own if k not in saved] + [f"{k} unexpected" for k in saved if k not in own]
     problems += [
@@ -224,3 +253,62 @@ def keep_previous_log(csv: Path) -> None:
         kept = csv.with_name(f"metrics.before-resume-{time.strftime('%Y%m%d-%H%M%S')}.csv")
         csv.rename(kept)
         log.info("resuming: the interrupted run's log is kept as %s", kept)
+
+
+# keys a resumed run cannot honour: another optimiser (or other parameter groups) cannot take the saved optimiser
+# state, and the random streams continue from the checkpoint whatever the seed
+NOT_APPLIED_ON_RESUME = ("optim.exclude_norm_bias", "seed")
+
+
+def check_resume(cfg: Any, path: str) -> None:
+    """The checkpoint exists, can be read (checksums verified, no pickled code), was trained with the same method
+    and optimiser, and differs from this config only in keys a resumed run applies. Everything else in the config
+    applies on resume: the model and data are built from it, and ``ResumeSettings`` re-applies the optimiser's
+    settings (learning rate, weight decay, momentum, schedule) over the checkpoint's."""
+    file = Path(path).expanduser()
+    where = f"ckpt_path={path!r}" + ("" if file.is_absolute() else f" ({file.resolve()})")
+    require(
+        file.is_file(),
+        f"{where} does not exist; give the path of a .ckpt file (e.g. <run>/checkpoints/last.ckpt) or resume=auto",
+    )
+    try:
+        checkpoint = read_checkpoint(file)
+    except ValueError as err:
+        raise ConfigError(f"{where}: {err}") from None
+    found, method = checkpoint_method(checkpoint), cfg.method.name
+    require(
+        found == method,
+        f"{where} was trained with method.name={found!r}, not {method!r}: resume it with "
+        f"method={found}, or drop ckpt_path to start {method} afresh",
+    )
+    saved = checkpoint.get("hyper_parameters", {}).get("cfg", {})
+    optim = saved.get("optim", {}).get("name")
+    require(
+        optim in (None, cfg.optim.name),
+        f"optim.name={cfg.optim.name}: {where} was trained with optim.name={optim!r}, whose state cannot be "
+        f"loaded into another optimiser: resume it with optim={optim}, or drop ckpt_path to start afresh",
+    )
+    differ = []
+    for key in NOT_APPLIED_ON_RESUME:
+        before, now = _get(saved, key), _get(cfg, key)
+        if before is not _ABSENT and before != now:
+            differ.append(f"{key} (checkpoint {before}, now {now})")
+    require(
+        not differ,
+        f"{where}: these keys differ from the checkpoint's config and cannot be applied on resume: "
+        f"{', '.join(differ)}; resume with the checkpoint's values (its run folder's config.yaml), or drop "
+        "ckpt_path to start afresh",
+    )
+
+
+_ABSENT = object()
+
+
+def _get(node: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not hasattr(node, "get"):
+            return _ABSENT
+        node = node.get(part, _ABSENT)
+        if node is _ABSENT:
+            return _ABSENT
+    return node

@@ -1,21 +1,20 @@
 """Typed schemas for every config group, so a mistyped key or a wrong type fails when Hydra composes.
 
-The YAML files in ``conf/`` (installed as ``contrastive.conf``) fill these in; ``validate`` then checks values that
-types cannot express, before any training starts, and names the offending key.
+The YAML files in ``conf/`` (installed as ``contrastive.conf``) fill these in. The rules on values that types cannot
+express live with the component each key configures; :mod:`contrastive.validate` runs them before any work.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
+import difflib
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig, OmegaConf
 
-from contrastive.errors import ConfigError, ConfigWarning  # noqa: F401 (ConfigWarning: re-exported for callers)
+from contrastive.errors import ConfigError
 
 
 @dataclass
@@ -118,7 +117,6 @@ class MethodConfig:
 class InstanceConfig(MethodConfig):
     """Instance discrimination as two axes: the key encoder and the source of negatives (see README)."""
 
-    version: Optional[str] = None
     key_encoder: str = "shared"
     negatives: str = "batch"
     loss: str = "info_nce"
@@ -141,7 +139,7 @@ class SwAVConfig(MethodConfig):
     sinkhorn_epsilon: float = 0.05
     sinkhorn_iterations: int = 3
     freeze_prototypes_steps: int = -1
-    queue_size: int = 0
+    feature_queue_size: int = 0  # per process, per large crop; 0: no queue
     queue_start_epoch: int = 0
 
 
@@ -249,302 +247,9 @@ def register_configs() -> None:
     cs.store(group="schema", name="logger", node=LoggerConfig)
 
 
-LOGGERS = ("csv", "tensorboard", "wandb", "none")
-ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
-PRECISIONS = (
-    "32-true",
-    "16-mixed",
-    "bf16-mixed",
-    "16-true",
-    "bf16-true",
-    "64-true",
-    "transformer-engine",
-    "transformer-engine-float16",
-    "32",
-    "16",
-    "bf16",
-    "64",
-)
-
-
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(message)
-
-
-def validate(cfg: Any, world_size: int = 1) -> None:
-    """Checks that need no data: names, signs, the shape constraints between keys, the devices asked for, and the
-    checkpoint to resume from."""
-    from contrastive.data.crops import CROP_SOURCES
-    from contrastive.data.datasets import LOADERS
-    from contrastive.methods import METHODS
-    from contrastive.models import BACKBONES
-    from contrastive.optim import LARS_VARIANTS, OPTIMIZERS, SCHEDULES
-
-    m = cfg.method
-    _require(m.name in METHODS, f"method.name={m.name!r} is not known; choose one of {', '.join(sorted(METHODS))}")
-    _require(
-        cfg.backbone.name in BACKBONES,
-        f"backbone.name={cfg.backbone.name!r} is not known; choose one of {', '.join(BACKBONES)}",
-    )
-    b = cfg.backbone
-    _require(b.pool_size >= 1, f"backbone.pool_size={b.pool_size} must be >= 1")
-    _require(b.fc_dim >= 0, f"backbone.fc_dim={b.fc_dim} must be >= 0 (0: no fully connected layer)")
-    _require(
-        b.name == "small_cnn" or (b.pool_size, b.fc_dim) == (1, 0),
-        f"backbone.pool_size and backbone.fc_dim apply to small_cnn only, not backbone.name={b.name!r}",
-    )
-    _require(cfg.data.name in LOADERS, f"data.name={cfg.data.name!r} is not known; choose one of {', '.join(LOADERS)}")
-    _require(
-        cfg.optim.name in OPTIMIZERS,
-        f"optim.name={cfg.optim.name!r} is not known; choose one of {', '.join(OPTIMIZERS)}",
-    )
-    _require(
-        cfg.optim.scheduler in SCHEDULES,
-        f"optim.scheduler={cfg.optim.scheduler!r} is not known; choose one of {', '.join(SCHEDULES)}",
-    )
-    _require(
-        cfg.optim.scheduler != "step" or len(cfg.optim.milestones) > 0,
-        "optim.scheduler=step needs optim.milestones (the epochs at which the rate drops), e.g. [120, 160]",
-    )
-    _require(
-        cfg.optim.lars_variant in LARS_VARIANTS,
-        f"optim.lars_variant={cfg.optim.lars_variant!r} is not known; choose one of {', '.join(LARS_VARIANTS)}",
-    )
-    _require(
-        cfg.logger.name in LOGGERS, f"logger.name={cfg.logger.name!r} is not known; choose one of {', '.join(LOGGERS)}"
-    )
-    _require(
-        str(cfg.trainer.precision) in PRECISIONS,
-        f"trainer.precision={cfg.trainer.precision!r} is not known; choose one of {', '.join(PRECISIONS[:6])}",
-    )
-    _require(
-        cfg.resume in (None, "auto"),
-        f"resume={cfg.resume!r}: choose auto or null (use ckpt_path=<file> for a given checkpoint)",
-    )
-    for key, value in (("method.temperature", m.temperature), ("optim.lr", cfg.optim.lr)):
-        _require(value > 0, f"{key}={value} must be > 0")
-    _require(cfg.data.batch_size > 0, f"data.batch_size={cfg.data.batch_size} must be > 0")
-    threads = cfg.perf.threads
-    _require(threads is None or threads >= 1, f"perf.threads={threads} must be >= 1 (null: one per core)")
-    in_batch = m.get("negatives") == "batch"
-    _require(
-        cfg.data.batch_size >= 2,
-        f"data.batch_size={cfg.data.batch_size} must be >= 2: batch norm needs two samples per process"
-        + (", and in-batch negatives (method.negatives=batch) need other samples in the batch" if in_batch else ""),
-    )
-    _require(
-        cfg.trainer.max_epochs > 0 or cfg.trainer.max_steps > 0,
-        f"trainer.max_epochs={cfg.trainer.max_epochs} must be > 0 (or set trainer.max_steps > 0)",
-    )
-    _require(m.num_views >= 1, f"method.num_views={m.num_views} must be >= 1")
-    _check_at_least(cfg)
-    validate_eval(cfg.eval)
-    _check_known_keys(cfg)
-    _check_crops(cfg)
-    _require(cfg.data.crops in CROP_SOURCES, f"data.crops={cfg.data.crops!r}; choose one of {', '.join(CROP_SOURCES)}")
-    _require(
-        cfg.data.crops == "stored" or cfg.data.name == "imagefolder",
-        f"data.crops=full cuts views from image files at their own resolution: only data=imagefolder has them, "
-        f"not data.name={cfg.data.name!r}; use data.crops=stored",
-    )
-    _require(
-        0 < cfg.data.eval_crop <= 1,
-        f"data.eval_crop={cfg.data.eval_crop} must be in (0, 1] (the central fraction of each side kept)",
-    )
-    _check_devices(cfg.trainer)
-    # the method's own rules, and those of its key encoder and source of negatives, live with them
-    METHODS[m.name].check_config(cfg, world_size)
-    if cfg.ckpt_path:
-        check_resume(cfg, str(cfg.ckpt_path))
-
-
-def validate_with_data(cfg: Any, num_train: int, world_size: int = 1) -> None:
-    """Checks that need the training set's size."""
-    m = cfg.method
-    global_batch = cfg.data.batch_size * world_size
-    _require(
-        num_train >= global_batch,
-        f"data.batch_size={cfg.data.batch_size}: the global batch ({global_batch}) is larger than the training set "
-        f"({num_train} images) and drop_last would leave no batch",
-    )
-    from contrastive.methods import METHODS
-
-    METHODS[m.name].check_with_data(cfg, num_train, world_size)
-
-
-def _check_crops(cfg: Any) -> None:
-    """Crops are resized to their size: larger than the image would only upsample, and multi-crop's small views are
-    the local ones."""
-    large, image = cfg.augment.large.size, cfg.data.image_size
-    _require(
-        large <= image,
-        f"augment.large.size={large} is larger than data.image_size={image}; choose augment.large.size <= {image}",
-    )
-    if cfg.method.num_small_views > 0:
-        small = cfg.augment.small.size
-        _require(
-            small < large,
-            f"augment.small.size={small} must be smaller than augment.large.size={large} "
-            f"(method.num_small_views={cfg.method.num_small_views} small crops are the local views)",
-        )
-
-
-def requested_devices(devices: Any) -> int | list[int] | None:
-    """``trainer.devices`` as a count, a list of device indices, or ``None`` for all of them (``auto``, -1)."""
-    if isinstance(devices, str):
-        text = devices.strip()
-        if text in ("auto", "-1"):
-            return None
-        if "," in text:
-            return [int(part) for part in text.split(",") if part.strip()]
-        devices = int(text)
-    if isinstance(devices, int):
-        return None if devices == -1 else devices
-    return [int(d) for d in devices]
-
-
-def _check_devices(trainer: Any) -> None:
-    """The accelerator exists on this machine and has as many devices as asked for (Lightning would fail later,
-    with a traceback)."""
-    accelerator = str(trainer.accelerator)
-    _require(
-        accelerator in ACCELERATORS,
-        f"trainer.accelerator={accelerator!r} is not known; choose one of {', '.join(ACCELERATORS)}",
-    )
-    try:
-        requested = requested_devices(trainer.devices)
-    except (TypeError, ValueError):
-        raise ConfigError(f"trainer.devices={trainer.devices!r}: give a count, a list of indices, -1 or auto") from None
-    import torch  # here, not at the top: `--help` and the config checks answer without loading torch
-
-    if accelerator in ("gpu", "cuda"):
-        _require(
-            torch.cuda.is_available(),
-            f"trainer.accelerator={accelerator} but no CUDA GPU is available here; "
-            "use trainer.accelerator=cpu (or auto)",
-        )
-    if accelerator not in ("auto", "cpu", "gpu", "cuda") or requested is None:
-        return
-    gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-    available, kind = (torch.cuda.device_count(), "GPUs") if gpu else (os.cpu_count() or 1, "CPU cores")
-    if isinstance(requested, int):
-        _require(requested >= 1, f"trainer.devices={trainer.devices} must be >= 1, -1 (all) or auto")
-        _require(
-            requested <= available,
-            f"trainer.devices={trainer.devices} but this machine has {available} {kind} "
-            f"(trainer.accelerator={accelerator}); choose trainer.devices <= {available}",
-        )
-    else:
-        _require(
-            bool(requested) and all(0 <= d < available for d in requested),
-            f"trainer.devices={trainer.devices}: device indices must be in 0..{available - 1} "
-            f"(this machine has {available} {kind})",
-        )
-
-
-# keys a resumed run cannot honour: another optimiser (or other parameter groups) cannot take the saved optimiser
-# state, and the random streams continue from the checkpoint whatever the seed
-NOT_APPLIED_ON_RESUME = ("optim.exclude_norm_bias", "seed")
-
-
-def check_resume(cfg: Any, path: str) -> None:
-    """The checkpoint exists, can be read (checksums verified, no pickled code), was trained with the same method
-    and optimiser, and differs from this config only in keys a resumed run applies. Everything else in the config
-    applies on resume: the model and data are built from it, and ``ResumeSettings`` re-applies the optimiser's
-    settings (learning rate, weight decay, momentum, schedule) over the checkpoint's."""
-    from contrastive.checkpoints import checkpoint_method, read_checkpoint
-
-    file = Path(path).expanduser()
-    where = f"ckpt_path={path!r}" + ("" if file.is_absolute() else f" ({file.resolve()})")
-    _require(
-        file.is_file(),
-        f"{where} does not exist; give the path of a .ckpt file (e.g. <run>/checkpoints/last.ckpt) or resume=auto",
-    )
-    try:
-        checkpoint = read_checkpoint(file)
-    except ValueError as err:
-        raise ConfigError(f"{where}: {err}") from None
-    found, method = checkpoint_method(checkpoint), cfg.method.name
-    _require(
-        found == method,
-        f"{where} was trained with method.name={found!r}, not {method!r}: resume it with "
-        f"method={found}, or drop ckpt_path to start {method} afresh",
-    )
-    saved = checkpoint.get("hyper_parameters", {}).get("cfg", {})
-    optim = saved.get("optim", {}).get("name")
-    _require(
-        optim in (None, cfg.optim.name),
-        f"optim.name={cfg.optim.name}: {where} was trained with optim.name={optim!r}, whose state cannot be "
-        f"loaded into another optimiser: resume it with optim={optim}, or drop ckpt_path to start afresh",
-    )
-    differ = []
-    for key in NOT_APPLIED_ON_RESUME:
-        before, now = _get(saved, key), _get(cfg, key)
-        if before is not _ABSENT and before != now:
-            differ.append(f"{key} (checkpoint {before}, now {now})")
-    _require(
-        not differ,
-        f"{where}: these keys differ from the checkpoint's config and cannot be applied on resume: "
-        f"{', '.join(differ)}; resume with the checkpoint's values (its run folder's config.yaml), or drop "
-        "ckpt_path to start afresh",
-    )
-
-
-_ABSENT = object()
-
-
-def _get(node: Any, dotted: str) -> Any:
-    for part in dotted.split("."):
-        if not hasattr(node, "get"):
-            return _ABSENT
-        node = node.get(part, _ABSENT)
-        if node is _ABSENT:
-            return _ABSENT
-    return node
-
-
-def _check_at_least(cfg: Any) -> None:
-    """Counts and sizes that must be positive (or not negative): each would otherwise fail later, in a
-    traceback from deep inside the model or the loader."""
-    m, b = cfg.method, cfg.backbone
-    checks = [
-        ("method.proj_layers", m.proj_layers, 1),
-        ("method.proj_hidden_dim", m.proj_hidden_dim, 1),
-        ("method.proj_out_dim", m.proj_out_dim, 1),
-        ("method.probe_size", m.probe_size, 1),
-        ("method.num_small_views", m.num_small_views, 0),
-        ("backbone.width", b.width, 1),
-        ("backbone.depth", b.depth, 1),
-        ("data.num_workers", cfg.data.num_workers, 0),
-        ("trainer.log_every_n_steps", cfg.trainer.log_every_n_steps, 1),
-        ("trainer.check_val_every_n_epoch", cfg.trainer.check_val_every_n_epoch, 1),
-        ("trainer.accumulate_grad_batches", cfg.trainer.accumulate_grad_batches, 1),
-    ]
-    for key, value, least in checks:
-        _require(value >= least, f"{key}={value} must be >= {least}")
-    o = cfg.optim
-    _require(o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay} must be >= 0")
-    _require(o.warmup_epochs >= 0, f"optim.warmup_epochs={o.warmup_epochs} must be >= 0")
-    _require(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
-    _require(o.probe_lr > 0, f"optim.probe_lr={o.probe_lr} must be > 0")
-
-
-def validate_eval(e: Any) -> None:
-    """The evaluation keys (``eval.*``), shared by training and ``python -m contrastive.evaluate``."""
-    _require(e.knn_k >= 1, f"eval.knn_k={e.knn_k} must be >= 1")
-    _require(e.knn_temperature > 0, f"eval.knn_temperature={e.knn_temperature} must be > 0")
-    _require(e.fewshot_seeds >= 1, f"eval.fewshot_seeds={e.fewshot_seeds} must be >= 1")
-    _require(all(shots >= 1 for shots in e.shots), f"eval.shots={list(e.shots)}: each must be >= 1")
-    _require(e.linear_epochs >= 0, f"eval.linear_epochs={e.linear_epochs} must be >= 0 (0: no offline linear probe)")
-
-
-def _check_known_keys(cfg: Any) -> None:
+def check_known_keys(cfg: Any) -> None:
     """Keys added with ``+`` under a typed group (``+method.temprature=0.1``, Hydra's own suggestion for a key it
     does not know) would be carried along and never read: refused, with the closest known key."""
-    import difflib
-
-    from omegaconf import DictConfig, OmegaConf
 
     def walk(node: Any, prefix: str) -> None:
         kind = OmegaConf.get_type(node)

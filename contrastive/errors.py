@@ -30,12 +30,22 @@ class ConfigError(ValueError):
     """A config value that cannot work; the message names the key and what is allowed."""
 
 
+def require(condition: bool, message: str) -> None:
+    """A config rule: ``message`` names the offending key and what it must be."""
+    if not condition:
+        raise ConfigError(message)
+
+
 class ConfigWarning(UserWarning):
     """A config value that runs but is unlikely to be what was meant."""
 
 
 class DataError(ValueError):
     """Data that cannot be found or read; the message names the path and the override that fixes it."""
+
+
+class DataWarning(UserWarning):
+    """Data that loads but is unlikely to be what was meant (classes without a single image)."""
 
 
 class TrainingDiverged(RuntimeError):

@@ -9,12 +9,14 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torch import Tensor, nn
 
+from contrastive.errors import ConfigError, require
 from contrastive.metrics import (
     fewshot_knn_accuracy,
     fewshot_linear_accuracy,
@@ -24,6 +26,15 @@ from contrastive.metrics import (
 
 
 @torch.no_grad()
+def check_config(e: Any) -> None:
+    """The evaluation keys (``eval.*``), shared by training and ``python -m contrastive.evaluate``."""
+    require(e.knn_k >= 1, f"eval.knn_k={e.knn_k} must be >= 1")
+    require(e.knn_temperature > 0, f"eval.knn_temperature={e.knn_temperature} must be > 0")
+    require(e.fewshot_seeds >= 1, f"eval.fewshot_seeds={e.fewshot_seeds} must be >= 1")
+    require(all(shots >= 1 for shots in e.shots), f"eval.shots={list(e.shots)}: each must be >= 1")
+    require(e.linear_epochs >= 0, f"eval.linear_epochs={e.linear_epochs} must be >= 0 (0: no offline linear probe)")
+
+
 def extract_features(
     encoder: nn.Module | None, transform: nn.Module, loader, device: torch.device
 ) -> tuple[Tensor, Tensor]:
@@ -107,7 +118,7 @@ def evaluate_checkpoint(ckpt: str | Path, overrides: dict | None = None) -> dict
     cfg = OmegaConf.create(saved)
     if overrides:
         cfg = _apply_overrides(cfg, overrides)
-    model = method_class(cfg.method.name)(cfg, hparams["num_train"])
+    model = method_class(cfg.method)(cfg, hparams["num_train"])
     model.load_state_dict(state["state_dict"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
@@ -136,8 +147,8 @@ def _apply_overrides(cfg: DictConfig, overrides: dict) -> DictConfig:
         raise ValueError(f"override not applicable to the checkpoint's config: {err}") from err
     OmegaConf.set_struct(cfg, False)
     try:
-        schema.validate_eval(cfg.eval)
-    except schema.ConfigError as err:
+        check_config(cfg.eval)
+    except ConfigError as err:
         raise ValueError(str(err)) from None
     return cfg
 

@@ -16,7 +16,93 @@ from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcess
 from omegaconf import DictConfig
 
 from contrastive.callbacks import History, Throughput
-from contrastive.config import ConfigError, requested_devices
+from contrastive.errors import ConfigError, require
+
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
+PRECISIONS = (
+    "32-true",
+    "16-mixed",
+    "bf16-mixed",
+    "16-true",
+    "bf16-true",
+    "64-true",
+    "transformer-engine",
+    "transformer-engine-float16",
+    "32",
+    "16",
+    "bf16",
+    "64",
+)
+
+
+def requested_devices(devices: Any) -> int | list[int] | None:
+    """``trainer.devices`` as a count, a list of device indices, or ``None`` for all of them (``auto``, -1)."""
+    if isinstance(devices, str):
+        text = devices.strip()
+        if text in ("auto", "-1"):
+            return None
+        if "," in text:
+            return [int(part) for part in text.split(",") if part.strip()]
+        devices = int(text)
+    if isinstance(devices, int):
+        return None if devices == -1 else devices
+    return [int(d) for d in devices]
+
+
+def check_devices(trainer: Any) -> None:
+    """The accelerator exists on this machine and has as many devices as asked for (Lightning would fail later,
+    with a traceback)."""
+    accelerator = str(trainer.accelerator)
+    require(
+        accelerator in ACCELERATORS,
+        f"trainer.accelerator={accelerator!r} is not known; choose one of {', '.join(ACCELERATORS)}",
+    )
+    try:
+        requested = requested_devices(trainer.devices)
+    except (TypeError, ValueError):
+        raise ConfigError(f"trainer.devices={trainer.devices!r}: give a count, a list of indices, -1 or auto") from None
+    if accelerator in ("gpu", "cuda"):
+        require(
+            torch.cuda.is_available(),
+            f"trainer.accelerator={accelerator} but no CUDA GPU is available here; "
+            "use trainer.accelerator=cpu (or auto)",
+        )
+    if accelerator not in ("auto", "cpu", "gpu", "cuda") or requested is None:
+        return
+    gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    available, kind = (torch.cuda.device_count(), "GPUs") if gpu else (os.cpu_count() or 1, "CPU cores")
+    if isinstance(requested, int):
+        require(requested >= 1, f"trainer.devices={trainer.devices} must be >= 1, -1 (all) or auto")
+        require(
+            requested <= available,
+            f"trainer.devices={trainer.devices} but this machine has {available} {kind} "
+            f"(trainer.accelerator={accelerator}); choose trainer.devices <= {available}",
+        )
+    else:
+        require(
+            bool(requested) and all(0 <= d < available for d in requested),
+            f"trainer.devices={trainer.devices}: device indices must be in 0..{available - 1} "
+            f"(this machine has {available} {kind})",
+        )
+
+
+def check_trainer(trainer: Any) -> None:
+    """The ``trainer`` keys Lightning would otherwise refuse late, with a traceback."""
+    require(
+        str(trainer.precision) in PRECISIONS,
+        f"trainer.precision={trainer.precision!r} is not known; choose one of {', '.join(PRECISIONS[:6])}",
+    )
+    require(
+        trainer.max_epochs > 0 or trainer.max_steps > 0,
+        f"trainer.max_epochs={trainer.max_epochs} must be > 0 (or set trainer.max_steps > 0)",
+    )
+    require(
+        trainer.max_steps == -1 or trainer.max_steps > 0,
+        f"trainer.max_steps={trainer.max_steps} must be > 0, or -1 (no step budget)",
+    )
+    for key in ("log_every_n_steps", "check_val_every_n_epoch", "accumulate_grad_batches"):
+        require(trainer[key] >= 1, f"trainer.{key}={trainer[key]} must be >= 1")
+    check_devices(trainer)
 
 
 def build_strategy(cfg: DictConfig):

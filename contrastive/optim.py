@@ -4,17 +4,39 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from contrastive.errors import require
+
 OPTIMIZERS = ("sgd", "adamw", "lars")
 SCHEDULES = ("cosine", "constant", "step")
-
-
 LARS_VARIANTS = ("simclr", "larc")
+
+
+def check_config(o: Any) -> None:
+    """The ``optim`` keys, before any training."""
+    require(o.name in OPTIMIZERS, f"optim.name={o.name!r} is not known; choose one of {', '.join(OPTIMIZERS)}")
+    require(
+        o.scheduler in SCHEDULES, f"optim.scheduler={o.scheduler!r} is not known; choose one of {', '.join(SCHEDULES)}"
+    )
+    require(
+        o.scheduler != "step" or len(o.milestones) > 0,
+        "optim.scheduler=step needs optim.milestones (the epochs at which the rate drops), e.g. [120, 160]",
+    )
+    require(
+        o.lars_variant in LARS_VARIANTS,
+        f"optim.lars_variant={o.lars_variant!r} is not known; choose one of {', '.join(LARS_VARIANTS)}",
+    )
+    require(o.lr > 0, f"optim.lr={o.lr} must be > 0")
+    require(o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay} must be >= 0")
+    require(o.warmup_epochs >= 0, f"optim.warmup_epochs={o.warmup_epochs} must be >= 0")
+    require(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
+    require(o.probe_lr > 0, f"optim.probe_lr={o.probe_lr} must be > 0")
 
 
 class LARS(torch.optim.Optimizer):

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset, default_collate, get_worker_info
 
-from contrastive.errors import DataError
+from contrastive.errors import DataError, DataWarning
 
 
 class ImageBatch(Sequence):
@@ -82,6 +82,25 @@ class ImageTensorDataset(Dataset):
         return int(self.labels.max()) + 1 if len(self) else 0
 
 
+def eight_bit(img: Any, path: str | Path) -> Any:
+    """``img`` with 8-bit samples. Pillow opens 16-bit grey PNGs and TIFFs as ``I;16`` (and 16-bit PGMs as ``I``,
+    scaled to 0..65535), whose ``convert`` to ``L`` or ``RGB`` clips every value above 255 to white: keep their high
+    byte instead, as Pillow itself decodes 16-bit colour PNGs. Other 32-bit modes have no known range."""
+    import numpy as np
+    from PIL import Image
+
+    if img.mode.startswith("I;16") or (img.mode == "I" and img.format == "PPM"):
+        pixels = np.asarray(img).astype(np.uint32) >> 8
+        return Image.fromarray(pixels.astype(np.uint8))
+    if img.mode in ("I", "F"):
+        kind = "integer" if img.mode == "I" else "floating-point"
+        raise DataError(
+            f"file {path} has 32-bit {kind} pixels (mode {img.mode}) whose range is unknown: convert it to an "
+            "8-bit or 16-bit image (PNG), or remove it"
+        )
+    return img
+
+
 class ImageFolderDataset(Dataset):
     """``torchvision.datasets.ImageFolder`` decoded lazily per item: shorter side resized to ``load_size``, then
     centre-cropped to ``load_size`` x ``load_size``; item -> ``(image uint8 [C, S, S], label, index)``."""
@@ -109,7 +128,9 @@ class ImageFolderDataset(Dataset):
         path, label = self.folder.samples[index]
         try:
             with Image.open(path) as img:
-                img = img.convert(self.mode)
+                img = eight_bit(img, path).convert(self.mode)
+        except DataError:
+            raise
         except Image.DecompressionBombError as err:
             raise DataError(f"file {path} is a decompression bomb ({err}): remove it from the data set") from None
         except (OSError, SyntaxError, ValueError) as err:  # PIL's errors for truncated or undecodable files
@@ -417,14 +438,55 @@ def _npz_path(cfg: Any) -> Path:
 
 
 def _npz_array(archive: Any, path: Path, key: str) -> Any:
+    """The array ``key`` of an open .npz, read only after its header was checked against the member's size: a
+    damaged or hostile header could otherwise make NumPy allocate whatever shape it declares before reading."""
+    import zipfile
+    import zlib
+
+    names = archive.zip.namelist()
+    member = key + ".npy" if key + ".npy" in names else key
+    info = archive.zip.getinfo(member)
+    # the size the zip directory declares; a stored (uncompressed) member cannot hold more than its stored bytes
+    size = min(info.file_size, info.compress_size) if info.compress_type == zipfile.ZIP_STORED else info.file_size
     try:
-        return archive[key]
-    except ValueError as err:
+        with archive.zip.open(member) as f:
+            shape, dtype, header = _npy_header(f)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+        raise DataError(f"file {path}: the header of {key!r} is damaged ({err}): save the archive again") from None
+    if dtype.hasobject:
         # numpy refuses object arrays without pickle: such a file could run code when read
         raise DataError(
             f"file {path}: key {key!r} holds pickled objects (dtype object), which are not read; "
             "save plain uint8 / integer arrays instead"
-        ) from err
+        )
+    needed = math.prod(shape) * dtype.itemsize
+    if needed > size - header:
+        raise DataError(
+            f"file {path}: {key!r} is truncated: its header declares shape {shape} of {dtype} ({needed:,} bytes) "
+            f"but it holds {max(size - header, 0):,}; save the archive again"
+        )
+    try:
+        return archive[key]
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+        raise DataError(f"file {path}: {key!r} is truncated or damaged ({err}): save the archive again") from None
+    except MemoryError:
+        raise DataError(
+            f"file {path}: {key!r} ({needed:,} bytes of shape {shape}) does not fit in memory: use a smaller archive"
+        ) from None
+
+
+def _npy_header(f: Any) -> tuple[tuple[int, ...], Any, int]:
+    """(shape, dtype, header length) of the .npy stream ``f``, read without its data."""
+    from numpy.lib import format as npy
+
+    version = npy.read_magic(f)
+    if version == (1, 0):
+        shape, _, dtype = npy.read_array_header_1_0(f)
+    elif version == (2, 0):
+        shape, _, dtype = npy.read_array_header_2_0(f)
+    else:  # 3.0 (a UTF-8 header): no public reader of the header alone
+        shape, _, dtype = npy._read_array_header(f, version)
+    return tuple(int(d) for d in shape), dtype, f.tell()
 
 
 def npz_images(array: Any, path: Path, key: str, channels: int) -> Tensor:
@@ -538,11 +600,46 @@ LOADERS: dict[str, Callable[[Any], tuple[Dataset, Dataset]]] = {
 }
 
 
+def check_labels(train: Any, val: Any, data_cfg: Any) -> None:
+    """Labels that class indices can be: not beyond the number of images (a label of 10^9 would make every
+    per-class table that large), at least two classes for the labelled evaluation (with one, every accuracy is
+    100%), and a warning naming the classes below the largest label that no image has."""
+    import warnings
+
+    labels = torch.cat([torch.as_tensor(train.labels), torch.as_tensor(val.labels)])
+    source = f"file {_npz_path(data_cfg)}" if data_cfg.name == "npz" else f"data={data_cfg.name}"
+    if not len(labels):
+        raise DataError(f"{source} holds no images")
+    largest, images = int(labels.max()), len(labels)
+    if largest >= images:
+        raise DataError(
+            f"{source}: a label of {largest} with {images} images: labels must be class indices 0..classes-1, "
+            "so most of these classes would have no image; renumber them (numpy.unique(labels, return_inverse=True))"
+        )
+    present = torch.unique(labels).tolist()
+    if len(present) < 2:
+        raise DataError(
+            f"{source}: every image has the label {present[0]}: the labelled evaluation (kNN, few-shot, linear "
+            "probe) needs at least two classes, with one every accuracy is 100%; use a data set with two or more"
+        )
+    missing = sorted(set(range(largest + 1)) - set(present))
+    if missing:
+        shown = ", ".join(map(str, missing[:20])) + (f" and {len(missing) - 20} more" if len(missing) > 20 else "")
+        warnings.warn(
+            f"{source}: no image has the class{'es' if len(missing) > 1 else ''} {shown} (labels 0..{largest}): "
+            "gaps in the labels count as classes in the evaluation; renumber the labels if these classes do not "
+            "exist",
+            DataWarning,
+            stacklevel=3,
+        )
+
+
 def load_splits(data_cfg: Any) -> tuple[Dataset, Dataset]:
     """(train, val) for ``data_cfg.name``; train serves self-supervised training (labels only for monitoring)."""
     if data_cfg.name not in LOADERS:
         raise DataError(f"data.name={data_cfg.name!r} is not known; choose one of {', '.join(LOADERS)}")
     train, val = LOADERS[data_cfg.name](data_cfg)
+    check_labels(train, val, data_cfg)
     found = max(train.num_classes, val.num_classes)
     if found != data_cfg.num_classes:
         raise DataError(

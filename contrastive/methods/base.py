@@ -2,32 +2,52 @@
 
 * :class:`ContrastiveMethod`: backbone, projector, on-device augmentation, online probe, kNN monitor, optimiser and
   schedule. A method implements :meth:`~ContrastiveMethod.contrastive_loss` (and its config checks).
-* :class:`InstanceDiscrimination`: a query encoder, a key encoder (``method.key_encoder``, from
-  :mod:`contrastive.models.key_encoder`) and a source of negatives (``method.negatives``, from
-  :mod:`contrastive.negatives`): the two axes that span SimCLR, InstDisc/NPID and MoCo and the cells between them.
+* :class:`InstanceDiscrimination`: queries against keys, for the methods whose negatives are instances: the key path
+  (the query encoder itself, or a :class:`~contrastive.models.key_encoder.MomentumEncoder`) and a source of
+  negatives (:mod:`contrastive.negatives`), each a module of its own; the figures of a stored dictionary.
 """
 
 from __future__ import annotations
 
+import copy
 import math
+import time
 from dataclasses import dataclass, field
 from functools import partial
+from typing import ClassVar
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
+from torch.utils.data import Subset
 
 from contrastive import distributed as dist
 from contrastive.data.augment import build_augment, build_eval_transform
 from contrastive.data.crops import CroppedViews, CropSpec
-from contrastive.metrics import alignment, embedding_std, false_negative_rate, knn_accuracy, uniformity
-from contrastive.models import backbone_from_config, projection_head
-from contrastive.models.key_encoder import KEY_ENCODERS
-from contrastive.negatives import NEGATIVES
-from contrastive.negatives.base import require
+from contrastive.errors import require
+from contrastive.metrics import alignment, embedding_std, knn_accuracy, uniformity
+from contrastive.models import backbone_from_config, check_head, projection_head
+from contrastive.models.key_encoder import KEY_ENCODERS, MomentumEncoder
+from contrastive.negatives import NEGATIVES, Negatives
+from contrastive.negatives.bank import BankNegatives
+from contrastive.negatives.base import Probe, Step, StoredNegatives
 from contrastive.optim import build_optimizer, warmup_cosine
+
+FAMILIES = ("end-to-end", "memory bank", "momentum queue", "clustering")
+
+
+def rename_legacy(state_dict: dict, prefix: str, names: dict[str, str]) -> None:
+    """Rename, in place, tensors saved under an earlier layout: ``names`` maps an old name (a prefix when it ends
+    with a dot) to its new one."""
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        name = key[len(prefix) :]
+        for old, new in names.items():
+            if name == old or (old.endswith(".") and name.startswith(old)):
+                state_dict[prefix + new + name[len(old) :]] = state_dict.pop(key)
+                break
 
 
 @dataclass
@@ -40,12 +60,16 @@ class StepOutput:
 
 
 class ContrastiveMethod(L.LightningModule):
-    negatives_source = "none"
+    family: ClassVar[str | None] = None  # the survey's architecture (one of FAMILIES), written to metrics.json
+    negatives_source: str = "none"  # metrics.json's `negatives`
+    # tensors an earlier layout of the package saved under other names (old -> new; a prefix ends with a dot)
+    legacy_names: ClassVar[dict[str, str]] = {}
+    legacy_method_keys: ClassVar[dict[str, str]] = {}  # config keys renamed since (old -> new)
 
     def __init__(self, cfg: DictConfig | dict, num_train: int):
         super().__init__()
-        cfg = OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg
-        self.save_hyperparameters({"cfg": OmegaConf.to_container(cfg, resolve=True), "num_train": num_train})
+        cfg = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+        self.save_hyperparameters({"cfg": self.upgrade_config(cfg), "num_train": num_train})
         self.cfg = OmegaConf.create(self.hparams.cfg)
         self.num_train = num_train
         m, data = self.cfg.method, self.cfg.data
@@ -69,15 +93,25 @@ class ContrastiveMethod(L.LightningModule):
 
     # -- what a method provides -------------------------------------------------------------------------------
     @classmethod
+    def check_shared(cls, cfg: DictConfig) -> None:
+        """The ``method`` keys every method has (views, head, temperature, probe)."""
+        m = cfg.method
+        require(m.temperature > 0, f"method.temperature={m.temperature} must be > 0")
+        require(m.num_views >= 1, f"method.num_views={m.num_views} must be >= 1")
+        require(m.num_small_views >= 0, f"method.num_small_views={m.num_small_views} must be >= 0")
+        require(m.probe_size >= 1, f"method.probe_size={m.probe_size} must be >= 1")
+        check_head(m.proj_layers, m.proj_hidden_dim, m.proj_out_dim)
+
+    @classmethod
     def check_config(cls, cfg: DictConfig, world_size: int) -> None:
-        """The method's own config rules, run by ``contrastive.config.validate`` before any training; raise
-        ConfigError naming the key."""
+        """The method's own config rules, run by ``contrastive.validate`` before any training; raise ConfigError
+        naming the key."""
 
     @classmethod
     def check_with_data(cls, cfg: DictConfig, num_train: int, world_size: int) -> None:
-        """Rules that need the training set's size (``contrastive.config.validate_with_data``)."""
+        """Rules that need the training set's size (``contrastive.validate.validate_with_data``)."""
 
-    def contrastive_loss(self, views: list[Tensor], index: Tensor, labels: Tensor) -> StepOutput:
+    def contrastive_loss(self, views: list[Tensor], step: Step) -> StepOutput:
         raise NotImplementedError
 
     def dictionary_stats(self) -> dict[str, float]:
@@ -146,7 +180,7 @@ class ContrastiveMethod(L.LightningModule):
             views = self.augment(images)
         if self.cfg.perf.channels_last:
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]
-        out = self.contrastive_loss(views, index, labels)
+        out = self.contrastive_loss(views, self.step_context(index, labels))
         probe_logits = self.probe(out.features.detach())
         probe_loss = F.cross_entropy(probe_logits, labels)
         # Lightning turns every progress-bar value logged on_step into a Python float after each batch, a
@@ -158,13 +192,37 @@ class ContrastiveMethod(L.LightningModule):
             self.log(f"train/{name}", value, on_step=False, on_epoch=True)
         return out.loss + probe_loss
 
-    def false_negative_rate(self, query_labels: Tensor, negative_index: Tensor) -> Tensor | None:
-        """Share of a query's negatives that have its class; ``negative_index`` holds training-set indices
-        (``[K]`` or ``[n, K]``, -1 for an empty slot). Labels serve this measurement only."""
-        if self.train_labels is None:
-            return None
-        labels = self.train_labels[negative_index.clamp_min(0)].masked_fill(negative_index < 0, -1)
-        return false_negative_rate(query_labels, labels)
+    def step_context(self, index: Tensor, labels: Tensor) -> Step:
+        return Step(index, labels, self.global_step, self.cfg.seed, self.train_labels)
+
+    def images_of(self, index: Tensor) -> Tensor:
+        """Training images by index (uint8, untransformed), on the module's device."""
+        train_set = self.trainer.datamodule.train_set
+        return torch.stack([train_set[int(i)][0] for i in index]).to(self.device)
+
+    # -- checkpoints of earlier layouts ---------------------------------------------------------------------
+    @classmethod
+    def upgrade_config(cls, cfg: dict) -> dict:
+        """A saved config under today's keys (a copy): ``method`` keys renamed since (``legacy_method_keys``), and
+        the unread ``method.version`` dropped."""
+        cfg = copy.deepcopy(cfg)
+        method = cfg.get("method", {})
+        method.pop("version", None)
+        for old, new in cls.legacy_method_keys.items():
+            if old in method and new not in method:
+                method[new] = method.pop(old)
+        return cfg
+
+    @classmethod
+    def upgrade_state_dict(cls, state_dict: dict) -> dict:
+        """A saved state dict under today's names (a copy)."""
+        state_dict = dict(state_dict)
+        rename_legacy(state_dict, "", cls.legacy_names)
+        return state_dict
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        rename_legacy(state_dict, prefix, self.legacy_names)  # children load after this, from the renamed names
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # -- validation: kNN monitor, online probe, diagnostics ----------------------------------------------
     def on_validation_epoch_start(self) -> None:
@@ -252,17 +310,21 @@ class ContrastiveMethod(L.LightningModule):
 
 
 class InstanceDiscrimination(ContrastiveMethod):
-    """Queries against keys: each query view's positive is the key of its other view (or, with one view, the
-    sample's own stored entry), its negatives come from the source. The key encoder and the source are components
-    (:attr:`key_encoder`, :attr:`negatives`) chosen by config, so every cell of the grid trains."""
+    """Queries against keys: query view i's positive is the key of view ``1 - i`` (or, with one view, the sample's own
+    stored entry), its negatives come from :attr:`negatives`. Keys come from the query encoder itself, with gradient
+    (:attr:`key_encoder` ``None``), or from a :class:`MomentumEncoder`. A subclass builds the two, in this order (both
+    draw their start from the global random stream), and shows its step."""
 
-    def __init__(self, cfg, num_train: int):
-        super().__init__(cfg, num_train)
-        m = self.cfg.method
-        self.negatives_source = m.negatives  # metrics.json's `negatives`
-        # in this order: both draw their starting state from the global RNG stream
-        self.key_encoder = KEY_ENCODERS[m.key_encoder](self)
-        self.negatives = NEGATIVES[m.negatives](self)
+    key_encoder: MomentumEncoder | None
+    negatives: Negatives
+    legacy_names: ClassVar[dict[str, str]] = {
+        "key_backbone.": "key_encoder.backbone.",
+        "key_projector.": "key_encoder.projector.",
+        "momentum": "key_encoder.momentum",
+        "bank.": "negatives.bank.",
+        "queue.": "negatives.queue.",
+        "log_z": "negatives.log_z",
+    }
 
     @classmethod
     def check_config(cls, cfg: DictConfig, world_size: int) -> None:
@@ -276,35 +338,20 @@ class InstanceDiscrimination(ContrastiveMethod):
         require(m.loss == "info_nce" or m.negatives == "bank", "method.loss=nce needs method.negatives=bank")
         source = NEGATIVES[m.negatives]
         require(
-            source.one_view or m.num_views == 2,
+            not source.pairs_only or m.num_views == 2,
             f"method.num_views={m.num_views}: negatives={m.negatives} needs 2 views (a positive pair); "
             "only the memory bank can use 1 (its positive is the stored entry)",
         )
         require(m.num_views <= 2, f"method.num_views={m.num_views} must be 1 or 2 for {m.name}")
-        KEY_ENCODERS[m.key_encoder].check(cfg)
+        if m.key_encoder == "momentum":
+            MomentumEncoder.check(cfg)
         source.check(cfg, world_size)
 
     @classmethod
     def check_with_data(cls, cfg: DictConfig, num_train: int, world_size: int) -> None:
         NEGATIVES[cfg.method.negatives].check_with_data(cfg, num_train, world_size)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        self.negatives.on_load_state(state_dict, prefix)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-    # -- the step --------------------------------------------------------------------------------------------
-    def contrastive_loss(self, views: list[Tensor], index: Tensor, labels: Tensor) -> StepOutput:
-        m = self.cfg.method
-        pair = len(views) == 2
-        query_views = [0, 1] if (pair and m.symmetric) or self.negatives.every_view_queries else [0]
-        feats, queries = self.embed_queries(views, query_views)
-        other = (lambda i: 1 - i) if pair else (lambda i: i)
-        keys = self.key_encoder.keys(views, self.negatives.key_views(query_views, other, len(views)), queries)
-        logs: dict[str, Tensor] = {}
-        loss = self.negatives.loss(queries, keys, other, index, labels, logs)
-        self.negatives.after_loss(views, keys)
-        return StepOutput(loss=loss, features=feats[0], logs=logs)
-
+    # -- building blocks of a step ---------------------------------------------------------------------------
     def embed_queries(self, views: list[Tensor], query_views: list[int]) -> tuple[dict[int, Tensor], dict[int, Tensor]]:
         """Backbone features and projections of the query views."""
         feats, queries = {}, {}
@@ -318,27 +365,67 @@ class InstanceDiscrimination(ContrastiveMethod):
                 feats[i], queries[i] = self.embed(views[i])
         return feats, queries
 
+    def record_drift(self, step: Step, view: Tensor) -> None:
+        """The stored dictionary's drift probe sees the view whose keys were just written."""
+        if isinstance(self.negatives, StoredNegatives):
+            self.negatives.record_drift(step.global_step, view, self.eval_key_net)
+
     def on_train_start(self) -> None:
-        self.negatives.on_train_start()
+        self.negatives.on_train_start(self.steps_per_epoch(max(int(self.trainer.estimated_stepping_batches), 1)))
+        if isinstance(self.negatives, BankNegatives) and self.negatives.needs_fill():
+            self.encode_bank(self.negatives)
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        self.key_encoder.after_step()
+        if self.key_encoder is not None:
+            self.key_encoder.update(self.backbone, self.projector, self.progress())
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        self.negatives.on_save_checkpoint(checkpoint)
+        if isinstance(self.negatives, StoredNegatives):
+            checkpoint["drift_probe"] = self.negatives.drift_state()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.negatives.on_load_checkpoint(checkpoint)
+        if isinstance(self.negatives, StoredNegatives) and "drift_probe" in checkpoint:  # older ones start it empty
+            self.negatives.load_drift_state(checkpoint["drift_probe"])
+
+    @torch.no_grad()
+    def encode_bank(self, negatives: BankNegatives) -> None:
+        """``bank_init=encoder``: every entry starts as the untrained key encoder's embedding of an augmented view of
+        its image, so the first epoch's positives are the image's own features rather than random vectors."""
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is None:
+            raise RuntimeError(
+                "method.bank_init=encoder reads the training set from the trainer's data module; "
+                "fit with a ContrastiveDataModule, or use method.bank_init=random"
+            )
+        start, train_set = time.perf_counter(), dm.train_set
+        n, world = len(train_set), dist.world_size()
+        # equal shards (wrapping around) keep every process's gathers in step
+        shard = [(dist.rank() + world * j) % n for j in range(math.ceil(n / world))]
+        loader = dm.loader(Subset(train_set, shard), train=False)
+        with self.trainer.precision_plugin.forward_context():
+            for images, _, index in loader:
+                view = self.augment.large(images.to(self.device))  # one view: the others would be discarded
+                if self.cfg.perf.channels_last:  # as training_step feeds the model
+                    view = view.contiguous(memory_format=torch.channels_last)
+                keys = self.key_net(view)
+                negatives.bank.fill(dist.gather(index.to(self.device)), dist.gather(keys))
+        seconds = time.perf_counter() - start
+        rank_zero_info(f"memory bank: {n} entries encoded by the initial key encoder in {seconds:.0f} s")
 
     # -- the key path, for the dictionary's figures ------------------------------------------------------------
+    def key_nets(self) -> tuple[nn.Module, nn.Module]:
+        if self.key_encoder is None:
+            return self.backbone, self.projector
+        return self.key_encoder.backbone, self.key_encoder.projector
+
     def key_net(self, x: Tensor) -> Tensor:
-        backbone, projector = self.key_encoder.nets()
+        backbone, projector = self.key_nets()
         return projector(backbone(x))
 
     @torch.no_grad()
     def eval_key_net(self, x: Tensor) -> Tensor:
         """:meth:`key_net` with batch norm in eval mode (running statistics, not updated), modes restored after."""
-        nets = self.key_encoder.nets()
+        nets = self.key_nets()
         modes = [net.training for net in nets]
         for net in nets:
             net.eval()
@@ -349,4 +436,19 @@ class InstanceDiscrimination(ContrastiveMethod):
                 net.train(mode)
 
     def dictionary_stats(self) -> dict[str, float]:
-        return self.negatives.stats()
+        attached = self._trainer is not None
+        dm = getattr(self.trainer, "datamodule", None) if attached else None
+        probe = Probe(
+            key_net=self.eval_key_net,
+            global_step=self.global_step,
+            steps_per_epoch=self.steps_per_epoch(max(int(self.trainer.estimated_stepping_batches), 1))
+            if attached
+            else 1,
+            global_batch=self.global_batch_size,
+            num_train=self.num_train,
+            images=self._probe_images,
+            index=self._probe_index,
+            transform=self.eval_transform,
+            images_of=self.images_of if dm is not None else None,
+        )
+        return self.negatives.stats(probe)

@@ -2,11 +2,41 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torchvision
 from torch import nn
 
+from contrastive.errors import require
+
 BACKBONES = ("small_cnn", "resnet18", "resnet34", "resnet50")
+
+
+def check_config(backbone: Any) -> None:
+    """The ``backbone`` keys, before anything is built."""
+    require(
+        backbone.name in BACKBONES,
+        f"backbone.name={backbone.name!r} is not known; choose one of {', '.join(BACKBONES)}",
+    )
+    require(backbone.width >= 1, f"backbone.width={backbone.width} must be >= 1")
+    require(backbone.depth >= 1, f"backbone.depth={backbone.depth} must be >= 1")
+    check_pooling(backbone.name, backbone.pool_size, backbone.fc_dim)
+
+
+def check_pooling(name: str, pool_size: int, fc_dim: int) -> None:
+    require(pool_size >= 1, f"backbone.pool_size={pool_size} must be >= 1")
+    require(fc_dim >= 0, f"backbone.fc_dim={fc_dim} must be >= 0 (0: no fully connected layer)")
+    require(
+        name == "small_cnn" or (pool_size, fc_dim) == (1, 0),
+        f"backbone.pool_size and backbone.fc_dim apply to small_cnn only, not backbone.name={name!r}",
+    )
+
+
+def check_head(layers: int, hidden_dim: int, out_dim: int) -> None:
+    """The projection head's keys (``method.proj_*``)."""
+    for key, value in (("proj_layers", layers), ("proj_hidden_dim", hidden_dim), ("proj_out_dim", out_dim)):
+        require(value >= 1, f"method.{key}={value} must be >= 1")
 
 
 class SmallCNN(nn.Module):
@@ -19,8 +49,7 @@ class SmallCNN(nn.Module):
 
     def __init__(self, in_channels: int = 1, width: int = 32, depth: int = 4, pool_size: int = 1, fc_dim: int = 0):
         super().__init__()
-        if pool_size < 1 or fc_dim < 0:
-            raise ValueError(f"backbone.pool_size must be >= 1 and backbone.fc_dim >= 0, got {pool_size}, {fc_dim}")
+        check_pooling("small_cnn", pool_size, fc_dim)
         layers: list[nn.Module] = []
         channels = in_channels
         for i in range(depth):
@@ -55,10 +84,10 @@ def build_backbone(
     ``small_images`` replaces the ResNet stem (7x7/2 conv + max-pool) by a 3x3/1 conv without pooling, the usual
     choice for 32-pixel images.
     """
+    require(name in BACKBONES, f"backbone.name={name!r} is not known; choose one of {', '.join(BACKBONES)}")
     if name == "small_cnn":
         return SmallCNN(in_channels, width, depth, pool_size, fc_dim)
-    if name not in BACKBONES:
-        raise ValueError(f"backbone.name={name!r} is not known; choose one of {', '.join(BACKBONES)}")
+    check_pooling(name, pool_size, fc_dim)
     net = getattr(torchvision.models, name)(weights=None)
     if small_images:
         net.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
@@ -83,8 +112,7 @@ def projection_head(
     """MLP head: ``layers`` linear layers, (BN +) ReLU between them; ``layers=1`` is MoCo v1's linear head,
     ``batch_norm=False`` with 2 layers MoCo v2's Linear-ReLU-Linear. ``final_batch_norm``: the last linear layer
     without bias, then BN with a scale and no offset, as SimCLR's official head ends."""
-    if layers < 1:
-        raise ValueError(f"method.proj_layers must be >= 1, got {layers}")
+    check_head(layers, hidden_dim, out_dim)
     modules: list[nn.Module] = []
     dim = in_dim
     for _ in range(layers - 1):

@@ -1,27 +1,21 @@
-"""The key encoder of instance discrimination, picked by ``method.key_encoder``:
-
-* ``shared``: the query encoder itself, gradients through every view (SimCLR, InstDisc);
-* ``momentum``: an exponential moving average of the query path, backbone and projection head (MoCo), its keys
-  encoded with shuffle-BN.
-
-Like a source of negatives, a key encoder is a component of its method: the momentum copy is registered on the
-method as ``key_backbone``, ``key_projector`` and ``momentum``, the names its checkpoints and exports carry.
-"""
+"""MoCo's key encoder (He et al. 2020): an exponential moving average of the query path, backbone and projection
+head, whose keys are encoded with shuffle-BN. ``method.key_encoder=momentum`` puts one in any instance method;
+``shared`` uses the query encoder itself, with gradient (SimCLR, InstDisc), and needs no module."""
 
 from __future__ import annotations
 
 import copy
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from contrastive import distributed as dist
-from contrastive.errors import ConfigError
+from contrastive.errors import require
 
-if TYPE_CHECKING:
-    from contrastive.methods.base import InstanceDiscrimination
+KEY_ENCODERS = ("shared", "momentum")
+MOMENTUM_SCHEDULES = ("constant", "cosine")
 
 
 def cosine_ramp(start: float, end: float, progress: float) -> float:
@@ -29,84 +23,73 @@ def cosine_ramp(start: float, end: float, progress: float) -> float:
     return end - (end - start) * (math.cos(math.pi * progress) + 1) / 2
 
 
-class SharedKeyEncoder:
-    kind = "shared"
-
-    def __init__(self, method: InstanceDiscrimination):
-        self.method = method
-
-    @classmethod
-    def check(cls, cfg: Any) -> None:
-        pass
-
-    def nets(self) -> tuple[nn.Module, nn.Module]:
-        return self.method.backbone, self.method.projector
-
-    def keys(self, views: list[Tensor], wanted: list[int], queries: dict[int, Tensor]) -> dict[int, Tensor]:
-        """Every view's embedding, with gradient; the queries' own are reused."""
-        return {i: queries[i] if i in queries else self.method.embed(views[i])[1] for i in range(len(views))}
-
-    def after_step(self) -> None:
-        pass
-
-
-class MomentumEncoder(SharedKeyEncoder):
+class MomentumEncoder(nn.Module):
     """``theta_k <- m * theta_k + (1 - m) * theta_q`` after every optimiser step, over backbone and head; ``m``
-    constant (``method.momentum_schedule=constant``, MoCo) or on a cosine ramp to 1 (``cosine``, BYOL's)."""
+    constant (``schedule=constant``, MoCo) or on a cosine ramp to 1 (``cosine``, BYOL's). Starts as a copy of the
+    query path given."""
 
-    kind = "momentum"
+    def __init__(
+        self,
+        backbone: nn.Module,
+        projector: nn.Module,
+        momentum: float = 0.999,
+        schedule: str = "constant",
+        shuffle_bn: bool = True,
+        bn_splits: int = 8,
+    ):
+        super().__init__()
+        self.check_values(momentum, schedule)
+        self.backbone = copy.deepcopy(backbone).requires_grad_(False)
+        self.projector = copy.deepcopy(projector).requires_grad_(False)
+        self.register_buffer("momentum", torch.tensor(float(momentum)))
+        self.base_momentum, self.schedule = float(momentum), schedule
+        self.shuffle_bn, self.bn_splits = shuffle_bn, bn_splits
 
-    def __init__(self, method: InstanceDiscrimination):
-        super().__init__(method)
-        method.key_backbone = copy.deepcopy(method.backbone).requires_grad_(False)
-        method.key_projector = copy.deepcopy(method.projector).requires_grad_(False)
-        method.register_buffer("momentum", torch.tensor(float(method.cfg.method.momentum)))
+    @classmethod
+    def from_config(cls, cfg: Any, backbone: nn.Module, projector: nn.Module) -> MomentumEncoder:
+        m = cfg.method
+        return cls(backbone, projector, m.momentum, m.momentum_schedule, m.shuffle_bn, m.bn_splits)
 
     @classmethod
     def check(cls, cfg: Any) -> None:
-        m = cfg.method
-        if not 0 <= m.momentum <= 1:
-            raise ConfigError(f"method.momentum={m.momentum} must be in [0, 1]")
+        cls.check_values(cfg.method.momentum, cfg.method.momentum_schedule)
 
-    def nets(self) -> tuple[nn.Module, nn.Module]:
-        return self.method.key_backbone, self.method.key_projector
+    @staticmethod
+    def check_values(momentum: float, schedule: str) -> None:
+        require(0 <= momentum <= 1, f"method.momentum={momentum} must be in [0, 1]")
+        require(
+            schedule in MOMENTUM_SCHEDULES,
+            f"method.momentum_schedule={schedule!r}; choose one of {', '.join(MOMENTUM_SCHEDULES)}",
+        )
 
-    @torch.no_grad()
-    def update(self) -> None:
-        """The EMA step. Parameters only, as MoCo's builder.py: the key encoder's BN running statistics are its
-        own, from its own forward passes."""
-        method = self.method
-        # m stays on the device: reading it as a Python number would sync with the GPU every step
-        weight = 1 - method.momentum
-        for q_mod, k_mod in ((method.backbone, method.key_backbone), (method.projector, method.key_projector)):
-            q_params, k_params = list(q_mod.parameters()), list(k_mod.parameters())
-            torch._foreach_lerp_(k_params, q_params, [weight] * len(k_params))
-
-    def after_step(self) -> None:
-        self.update()
-        m = self.method.cfg.method
-        if m.momentum_schedule == "cosine":
-            self.method.momentum.fill_(cosine_ramp(m.momentum, 1.0, self.method.progress()))
-
-    def keys(self, views: list[Tensor], wanted: list[int], queries: dict[int, Tensor]) -> dict[int, Tensor]:
-        return {i: self.encode(views[i]) for i in wanted}
+    def embed(self, x: Tensor) -> Tensor:
+        """Keys of ``x``, plainly (no shuffle): the figures' key path."""
+        return self.projector(self.backbone(x))
 
     @torch.no_grad()
-    def encode(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         """Keys with BN statistics that cannot leak the positive: across processes the batch is shuffled before
         encoding (shuffle-BN); on one process it is shuffled and encoded in ``bn_splits`` sub-batches, so no key
         shares its BN statistics with its own query's batch."""
-        method, m = self.method, self.method.cfg.method
-        net = lambda v: method.key_projector(method.key_backbone(v))
-        if not m.shuffle_bn:
-            return net(x)
+        if not self.shuffle_bn:
+            return self.embed(x)
         if dist.world_size() > 1:
             shuffled, perm = dist.shuffle_across_processes(x)
-            return dist.unshuffle_across_processes(net(shuffled), perm)
+            return dist.unshuffle_across_processes(self.embed(shuffled), perm)
         perm = torch.randperm(len(x), device=x.device)
-        splits = max(1, min(m.bn_splits, len(x) // 2))
-        keys = torch.cat([net(chunk) for chunk in x[perm].chunk(splits)])
+        splits = max(1, min(self.bn_splits, len(x) // 2))
+        keys = torch.cat([self.embed(chunk) for chunk in x[perm].chunk(splits)])
         return keys[torch.argsort(perm)]
 
-
-KEY_ENCODERS: dict[str, type[SharedKeyEncoder]] = {"shared": SharedKeyEncoder, "momentum": MomentumEncoder}
+    @torch.no_grad()
+    def update(self, backbone: nn.Module, projector: nn.Module, progress: float) -> None:
+        """The EMA step towards the query path, then ``m`` for the next one (``progress``: the fraction of training
+        done). Parameters only, as MoCo's builder.py: the key encoder's BN running statistics are its own, from its
+        own forward passes."""
+        # m stays on the device: reading it as a Python number would sync with the GPU every step
+        weight = 1 - self.momentum
+        for q_mod, k_mod in ((backbone, self.backbone), (projector, self.projector)):
+            q_params, k_params = list(q_mod.parameters()), list(k_mod.parameters())
+            torch._foreach_lerp_(k_params, q_params, [weight] * len(k_params))
+        if self.schedule == "cosine":
+            self.momentum.fill_(cosine_ramp(self.base_momentum, 1.0, progress))

@@ -8,8 +8,9 @@
 SwAV has no explicit negatives: its dictionary, learnable prototypes with Sinkhorn codes and a feature queue on the
 same ring buffer, is :mod:`.prototypes`.
 
-A new source for the instance methods: a subclass of :class:`~contrastive.negatives.base.Negatives` in its own
-file, and a line below.
+Each is an ``nn.Module`` built from explicit arguments, owning its state; per step it gets a
+:class:`~contrastive.negatives.base.Step` and returns ``(loss, logs)``. A new source for the instance methods: a
+subclass of :class:`~contrastive.negatives.base.Negatives` in its own file, and a line below.
 """
 
 from __future__ import annotations

@@ -4,17 +4,15 @@ the batch's entries then moved towards their new keys. ``method.loss=nce`` is th
 from __future__ import annotations
 
 import math
-import time
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
-from torch.utils.data import Subset
 
 from contrastive import distributed as dist
 from contrastive import losses
-from contrastive.negatives.base import StoredNegatives, Views, require
+from contrastive.negatives.base import Probe, Step, StoredNegatives, Views, positive_of, require
 
 # the bank's cosines come from one product with the whole bank while it holds at most this many times the negatives
 # per query: measured on a CPU (n = 128, D = 128), 25x faster than gathering n x K rows at N = K, 6x at N = 12 K,
@@ -59,23 +57,55 @@ class MemoryBank(nn.Module):
         self.features[index] = F.normalize(features.float(), dim=1).to(self.features.dtype)
         self.written_at[index] = 0
 
+    def written(self) -> bool:
+        """Whether any entry has been written (a resumed run's bank is never filled again)."""
+        return bool((self.written_at >= 0).any())
+
 
 class BankNegatives(StoredNegatives):
-    """State: ``method.bank`` (:class:`MemoryBank`) and, with ``method.loss=nce``, ``method.log_z``."""
+    """Negatives drawn uniformly from :class:`MemoryBank`; with one view, the positive is the sample's own entry."""
 
-    one_view = True  # with one view, the positive is the sample's own bank entry
+    family = "memory bank"  # the survey's architecture this source makes
 
-    def __init__(self, method):
-        super().__init__(method)
-        m, num_train = method.cfg.method, method.num_train
-        method.bank = MemoryBank(num_train, m.proj_out_dim, m.bank_momentum)
-        self.num_negatives = m.num_negatives or min(4096, num_train - 1)
-        if m.loss == "nce":  # only then: an unset (NaN) normaliser would read as a diverged model
-            method.register_buffer("log_z", torch.tensor(float("nan")))  # NCE normaliser, fixed by the first batch
+    pairs_only = False
+
+    def __init__(
+        self,
+        size: int,
+        dim: int,
+        temperature: float,
+        momentum: float = 0.5,
+        num_negatives: int | None = None,
+        loss: str = "info_nce",
+        init: str = "encoder",
+        nce_z: str = "random_start",
+        probe_size: int = 256,
+    ):
+        super().__init__(probe_size)
+        self.temperature, self.loss_kind, self.init, self.nce_z = temperature, loss, init, nce_z
+        self.bank = MemoryBank(size, dim, momentum)
+        self.num_negatives = num_negatives or min(4096, size - 1)
+        if loss == "nce":  # only then: an unset (NaN) normaliser would read as a diverged model
+            self.register_buffer("log_z", torch.tensor(float("nan")))  # NCE normaliser, fixed by the first batch
         self.log_z_fixed: bool | None = None  # host flag: testing log_z for NaN each step would sync with the GPU
 
     @classmethod
-    def check(cls, cfg, world_size: int) -> None:
+    def from_config(cls, cfg: Any, num_train: int, shared_keys: bool) -> BankNegatives:
+        m = cfg.method
+        return cls(
+            num_train,
+            m.proj_out_dim,
+            m.temperature,
+            m.bank_momentum,
+            m.num_negatives,
+            m.loss,
+            m.bank_init,
+            m.nce_z,
+            m.probe_size,
+        )
+
+    @classmethod
+    def check(cls, cfg: Any, world_size: int) -> None:
         m = cfg.method
         require(0 <= m.bank_momentum < 1, f"method.bank_momentum={m.bank_momentum} must be in [0, 1)")
         require(m.bank_init in BANK_INITS, f"method.bank_init={m.bank_init!r}; choose one of {', '.join(BANK_INITS)}")
@@ -84,7 +114,7 @@ class BankNegatives(StoredNegatives):
             require(m.num_negatives > 0, f"method.num_negatives={m.num_negatives} must be > 0")
 
     @classmethod
-    def check_with_data(cls, cfg, num_train: int, world_size: int) -> None:
+    def check_with_data(cls, cfg: Any, num_train: int, world_size: int) -> None:
         m = cfg.method
         if m.num_negatives is not None:
             require(
@@ -92,52 +122,52 @@ class BankNegatives(StoredNegatives):
                 f"method.num_negatives={m.num_negatives} must be smaller than the bank ({num_train} training images)",
             )
 
-    @property
-    def bank(self) -> MemoryBank:
-        return self.method.bank
-
     def __len__(self) -> int:
         return len(self.bank)
 
     def negatives_per_query(self) -> int:
         return self.num_negatives
 
-    def on_load_state(self, state_dict: dict, prefix: str) -> None:
-        if not hasattr(self.method, "log_z"):  # a checkpoint from before log_z was kept for NCE runs only
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if not hasattr(self, "log_z"):  # a checkpoint from before log_z was kept for NCE runs only
             state_dict.pop(prefix + "log_z", None)
         self.log_z_fixed = None  # read again from the loaded buffer
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    # -- the bank's start (init=encoder) ---------------------------------------------------------------------
+    def needs_fill(self) -> bool:
+        """Whether every entry should start as the untrained key encoder's embedding of its image (the first
+        epoch's positives are then the image's own features rather than random vectors); the caller encodes the
+        training set and :meth:`MemoryBank.fill` writes it."""
+        return self.init == "encoder" and not self.bank.written()
 
     # -- the step --------------------------------------------------------------------------------------------
-    def loss(
-        self, queries: Views, keys: Views, other, index: Tensor, labels: Tensor, logs: dict[str, Tensor]
-    ) -> Tensor:
+    def loss(self, queries: Views, keys: Views, step: Step) -> tuple[Tensor, dict[str, Tensor]]:
         """Negatives drawn uniformly from the bank; with one view the positive is the sample's own bank entry from
-        before this step's update (in the first epoch, the entry it starts as: see ``bank_init``). The bank then
-        takes ``normalize(m * old + (1 - m) * new)``."""
-        method, m, n = self.method, self.method.cfg.method, len(index)
+        before this step's update (in the first epoch, the entry it starts as: see ``init``). The bank then takes
+        ``normalize(m * old + (1 - m) * new)`` of the first view's keys."""
+        index, n = step.index, len(step.index)
         global_index = dist.gather(index)
-        generator = dist.step_generator(method.cfg.seed, method.global_step, index.device)
+        generator = dist.step_generator(step.seed, step.global_step, index.device)
         sample = self.bank.sample_indices(global_index, self.num_negatives, generator)
         neg_index = sample[dist.rank() * n : (dist.rank() + 1) * n]
         bank = self.bank_for_cosines(neg_index.shape[1])
         terms = []
         for i, q in queries.items():
             q = F.normalize(q, dim=1)
-            positive = self.bank.features[index] if len(keys) == 1 else keys[other(i)]
+            positive = self.bank.features[index] if len(keys) == 1 else positive_of(i, keys)
             pos = (q * F.normalize(positive, dim=1)).sum(1)
             neg = self.bank_cosines(q, bank, neg_index)
-            if m.loss == "nce":
-                terms.append(self.nce(pos, neg, q))
+            if self.loss_kind == "nce":
+                terms.append(self.nce(pos, neg, step.seed, q))
             else:
-                terms.append(losses.contrastive_cross_entropy(pos, neg, m.temperature))
-        fnr = method.false_negative_rate(labels, neg_index)
+                terms.append(losses.contrastive_cross_entropy(pos, neg, self.temperature))
+        logs = {}
+        fnr = step.false_negative_rate(neg_index)
         if fnr is not None:
             logs["false_negative_rate"] = fnr
-        self.bank.update(global_index, dist.gather(keys[0].detach()), method.global_step)
-        return torch.stack(terms).mean()
-
-    def after_loss(self, views: list[Tensor], keys: Views) -> None:
-        self.record_drift(views[0])  # the view whose key the bank took
+        self.bank.update(global_index, dist.gather(keys[0].detach()), step.global_step)
+        return torch.stack(terms).mean(), logs
 
     def bank_for_cosines(self, k: int) -> Tensor | None:
         """A snapshot of the whole bank when :meth:`bank_cosines` takes the dense path for ``k`` negatives (the
@@ -152,77 +182,40 @@ class BankNegatives(StoredNegatives):
             return (q @ bank.T).gather(1, neg_index)
         return torch.einsum("nd,nkd->nk", q, self.bank.features[neg_index])
 
-    # -- NCE (method.loss=nce) -------------------------------------------------------------------------------
-    def nce(self, pos: Tensor, neg: Tensor, q: Tensor | None = None) -> Tensor:
+    # -- NCE (loss=nce) --------------------------------------------------------------------------------------
+    def nce(self, pos: Tensor, neg: Tensor, seed: int, q: Tensor | None = None) -> Tensor:
         """The paper's NCE loss on the cosines of the positive ``[n]`` and the negatives ``[n, K]`` (``q``: the unit
         queries, for the ``random_start`` estimate of Z)."""
-        method = self.method
         if self.log_z_fixed is None:
-            self.log_z_fixed = not bool(torch.isnan(method.log_z))
+            self.log_z_fixed = not bool(torch.isnan(self.log_z))
         if not self.log_z_fixed:
-            method.log_z.fill_(self.estimate_log_z(pos, neg, q))
+            self.log_z.fill_(self.estimate_log_z(pos, neg, seed, q))
             self.log_z_fixed = True
-        return losses.nce_loss(pos, neg, method.cfg.method.temperature, method.log_z, method.num_train)
+        return losses.nce_loss(pos, neg, self.temperature, self.log_z, len(self.bank))
 
     @torch.no_grad()
-    def estimate_log_z(self, pos: Tensor, neg: Tensor, q: Tensor | None) -> Tensor:
+    def estimate_log_z(self, pos: Tensor, neg: Tensor, seed: int, q: Tensor | None) -> Tensor:
         """log Z, once, as lemniscate's NCEAverage.py does: Z = n * the mean of exp(s / T) over the first batch's
         K + 1 sampled entries (positive and negatives). ``nce_z=first_batch`` takes them from the bank as it stands;
         ``random_start`` (the default) from the bank as the paper starts it, random unit vectors, whatever
-        ``bank_init`` is: an encoder-filled bank's cosines are near 1 and would give a Z about 50x larger at T 0.1,
-        which moves every NCE posterior. With ``bank_init=random`` the two are the same estimate."""
-        cfg = self.method.cfg
-        m = cfg.method
-        if m.nce_z == "first_batch" or m.bank_init == "random" or q is None:
+        ``init`` is: an encoder-filled bank's cosines are near 1 and would give a Z about 50x larger at T 0.1,
+        which moves every NCE posterior. With ``init=random`` the two are the same estimate."""
+        if self.nce_z == "first_batch" or self.init == "random" or q is None:
             cosines = torch.cat([pos.detach().float().unsqueeze(1), neg.detach().float()], 1)
         else:
-            generator = torch.Generator(device=q.device).manual_seed(cfg.seed)
+            generator = torch.Generator(device=q.device).manual_seed(seed)
             start = F.normalize(torch.randn(neg.shape[1] + 1, q.shape[1], device=q.device, generator=generator), dim=1)
             cosines = q.detach().float() @ start.T
-        scaled = dist.gather(cosines / m.temperature).flatten()
-        return torch.logsumexp(scaled, 0) - math.log(scaled.numel()) + math.log(self.method.num_train)
-
-    # -- the bank's start (method.bank_init=encoder) ----------------------------------------------------------
-    def on_train_start(self) -> None:
-        super().on_train_start()
-        # a resumed run's bank has been written: it is never filled again
-        if self.method.cfg.method.bank_init == "encoder" and not bool((self.bank.written_at >= 0).any()):
-            self.encode_bank()
-
-    @torch.no_grad()
-    def encode_bank(self) -> None:
-        """Every entry starts as the untrained key encoder's embedding of an augmented view of its image, so the
-        first epoch's positives are the image's own features rather than random vectors."""
-        method = self.method
-        dm = getattr(method.trainer, "datamodule", None)
-        if dm is None:
-            raise RuntimeError(
-                "method.bank_init=encoder reads the training set from the trainer's data module; "
-                "fit with a ContrastiveDataModule, or use method.bank_init=random"
-            )
-        start, train_set = time.perf_counter(), dm.train_set
-        n, world = len(train_set), dist.world_size()
-        # equal shards (wrapping around) keep every process's gathers in step
-        shard = [(dist.rank() + world * j) % n for j in range(math.ceil(n / world))]
-        loader = dm.loader(Subset(train_set, shard), train=False)
-        with method.trainer.precision_plugin.forward_context():
-            for images, _, index in loader:
-                view = method.augment.large(images.to(method.device))  # one view: the others would be discarded
-                if method.cfg.perf.channels_last:  # as training_step feeds the model
-                    view = view.contiguous(memory_format=torch.channels_last)
-                keys = method.key_net(view)
-                self.bank.fill(dist.gather(index.to(method.device)), dist.gather(keys))
-        seconds = time.perf_counter() - start
-        rank_zero_info(f"memory bank: {n} entries encoded by the initial key encoder in {seconds:.0f} s")
+        scaled = dist.gather(cosines / self.temperature).flatten()
+        return torch.logsumexp(scaled, 0) - math.log(scaled.numel()) + math.log(len(self.bank))
 
     # -- figures ---------------------------------------------------------------------------------------------
-    def drift_window(self, per_epoch: int) -> int:
-        return per_epoch  # each image's entry is rewritten once an epoch
+    def drift_window(self, steps_per_epoch: int, global_batch: int) -> int:
+        return steps_per_epoch  # each image's entry is rewritten once an epoch
 
-    def probe_entries(self):
-        method = self.method
-        if method._probe_index is None:
+    def probe_entries(self, probe: Probe):
+        if probe.index is None:
             return None
-        slots = method._probe_index.to(method.device)
+        slots = probe.index.to(self.bank.features.device)
         # the probe subset's own images: the bank is indexed by sample
-        return self.bank.features[slots], self.bank.written_at[slots], method._probe_images
+        return self.bank.features[slots], self.bank.written_at[slots], probe.images

@@ -1,47 +1,91 @@
-"""What a source of negatives provides to an instance-discrimination method (:class:`InstanceDiscrimination` in
-``contrastive.methods.base``), and what the stored sources (bank, queue) share: the staleness and encoder drift of
-their entries.
+"""The interface of a source of negatives, the context each step hands it, and what the stored sources (bank, queue)
+share: the staleness and encoder drift of their entries.
 
-A source is a component of its method rather than an ``nn.Module`` of its own: its state (a ``MemoryBank``, a
-``Queue``, the NCE normaliser ``log_z``) is registered on the method under the names checkpoints have always carried
-(``bank.features``, ``queue.keys``, ``log_z``), so every checkpoint written before the split still loads.
+A source is an ``nn.Module`` built from explicit arguments (``from_config`` reads them off the config): it owns its
+state as buffers, so checkpoints carry it, and it never sees the method that holds it. Whatever a step or an epoch's
+figures need (the batch's indices, the step, the key encoder) arrives as an argument.
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
-from contrastive.errors import ConfigError
+from contrastive.errors import require
+from contrastive.metrics.diagnostics import false_negative_rate
 from contrastive.metrics.drift import DriftProbe
-
-if TYPE_CHECKING:
-    from contrastive.methods.base import InstanceDiscrimination
 
 # snapshots per epoch of the views behind written keys, for the drift measure
 DRIFT_SLOTS = 16
 
 Views = dict[int, Tensor]  # view number -> [n, D] embeddings of that view
+KeyNet = Callable[[Tensor], Tensor]  # transformed images -> keys, BN in eval mode
+
+__all__ = ["DRIFT_SLOTS", "KeyNet", "Negatives", "Probe", "Step", "StoredNegatives", "Views", "positive_of", "require"]
 
 
-def require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(message)
+def positive_of(query_view: int, keys: Views) -> Tensor:
+    """A query view's positive: the key of the other view of its image (views come in pairs, 0 and 1)."""
+    return keys[1 - query_view]
 
 
-class Negatives:
-    """A source of negatives: its state, its loss terms (through :mod:`contrastive.losses`), its figures and its
-    config checks. ``method.negatives=<name>`` picks it from :data:`contrastive.negatives.NEGATIVES`."""
+@dataclass(frozen=True)
+class Step:
+    """One training step as a component sees it."""
 
-    one_view = False  # a query can learn from one view: its positive is stored in the dictionary
-    every_view_queries = False  # every view queries, whatever method.symmetric says
+    index: Tensor  # training-set indices of this process's batch
+    labels: Tensor  # their labels: the false-negative rate reads them, no loss does
+    global_step: int
+    seed: int
+    train_labels: Tensor | None = None  # every training image's label, when the data has labels
 
-    def __init__(self, method: InstanceDiscrimination):
-        self.method = method
+    def false_negative_rate(self, negative_index: Tensor) -> Tensor | None:
+        """Share of a query's negatives of its own class; ``negative_index`` ``[K]`` or ``[n, K]`` holds training-set
+        indices, -1 for an empty slot."""
+        if self.train_labels is None:
+            return None
+        labels = self.train_labels[negative_index.clamp_min(0)].masked_fill(negative_index < 0, -1)
+        return false_negative_rate(self.labels, labels)
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What a dictionary's figures read once an epoch."""
+
+    key_net: KeyNet
+    global_step: int
+    steps_per_epoch: int
+    global_batch: int
+    num_train: int
+    images: Tensor | None = None  # a fixed subset of the training images (uint8, untransformed)
+    index: Tensor | None = None  # their training-set indices
+    transform: Callable[[Tensor], Tensor] | None = None  # images -> the encoder's input (evaluation transform)
+    images_of: Callable[[Tensor], Tensor] | None = None  # training-set indices -> those images
+
+
+class Negatives(nn.Module):
+    """A source of negatives for instance discrimination; ``method.negatives=<name>`` picks it from
+    :data:`contrastive.negatives.NEGATIVES`.
+
+    ``pairs_only``: every query needs the other view of its image as its positive (a source that stores one entry
+    per image can do with one view). ``every_view_queries``: both views query, whatever ``method.symmetric`` says.
+    """
+
+    pairs_only = True
+    every_view_queries = False
+    family: str | None = None  # the survey's architecture a method with this source belongs to
+
+    @classmethod
+    def from_config(cls, cfg: Any, num_train: int, shared_keys: bool) -> Negatives:
+        """Built from ``cfg.method`` (and the training set's size); ``shared_keys``: the keys come from the query
+        encoder itself (with gradient) rather than a momentum copy."""
+        raise NotImplementedError
 
     # -- config checks, before any training (class methods: no model needed) ---------------------------------------
     @classmethod
@@ -53,40 +97,20 @@ class Negatives:
         """Rules that need the training set's size."""
 
     # -- the step ------------------------------------------------------------------------------------------------
-    def key_views(self, query_views: list[int], other: Callable[[int], int], num_views: int) -> list[int]:
-        """The views a momentum key encoder must encode this step (each costs a forward pass)."""
+    def key_views(self, query_views: list[int], num_views: int) -> list[int]:
+        """The views whose keys this source reads (each costs a pass of a momentum key encoder)."""
         return list(range(num_views))
 
-    def loss(
-        self,
-        queries: Views,
-        keys: Views,
-        other: Callable[[int], int],
-        index: Tensor,
-        labels: Tensor,
-        logs: dict[str, Tensor],
-    ) -> Tensor:
-        """The step's loss, mean over the query views; ``keys[other(i)]`` is query view i's positive. May write
-        the dictionary after the loss terms are built; may add figures to ``logs``."""
+    def loss(self, queries: Views, keys: Views, step: Step) -> tuple[Tensor, dict[str, Tensor]]:
+        """The step's loss, mean over the query views (positives: :func:`positive_of`), and figures to log. May write
+        the dictionary once the loss terms are built."""
         raise NotImplementedError
 
-    def after_loss(self, views: list[Tensor], keys: Views) -> None:
-        """Called after :meth:`loss` with the step's views (for the drift probe)."""
-
-    def on_train_start(self) -> None:
+    def on_train_start(self, steps_per_epoch: int) -> None:
         pass
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        pass
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        pass
-
-    def on_load_state(self, state_dict: dict, prefix: str) -> None:
-        """Before the method's own tensors load from ``state_dict`` (names under ``prefix``)."""
 
     # -- figures ---------------------------------------------------------------------------------------------
-    def stats(self) -> dict[str, float]:
+    def stats(self, probe: Probe) -> dict[str, float]:
         """Negatives per query, dictionary size and what else the source measures, once per epoch."""
         return {}
 
@@ -95,78 +119,71 @@ class StoredNegatives(Negatives):
     """A dictionary of keys written at earlier steps (bank, queue): their staleness against the key encoder of now,
     and the encoder drift on the exact views behind them (:class:`DriftProbe`)."""
 
-    def __init__(self, method: InstanceDiscrimination):
-        super().__init__(method)
-        rows = max(1, math.ceil(method.cfg.method.probe_size / DRIFT_SLOTS))
-        self.drift = DriftProbe(slots=DRIFT_SLOTS, rows=rows)
+    def __init__(self, probe_size: int):
+        super().__init__()
+        self.drift = DriftProbe(slots=DRIFT_SLOTS, rows=max(1, math.ceil(probe_size / DRIFT_SLOTS)))
         self.drift_every: int | None = None
 
-    # what a stored source tells the shared figures
     def __len__(self) -> int:
         raise NotImplementedError
 
     def negatives_per_query(self) -> int:
         return len(self)
 
-    def drift_window(self, per_epoch: int) -> int:
+    def written_view(self, keys: Views) -> int:
+        """The view whose keys the last step wrote."""
+        return 0
+
+    def drift_window(self, steps_per_epoch: int, global_batch: int) -> int:
         """Steps a key stays in the dictionary."""
         raise NotImplementedError
 
-    def probe_entries(self) -> tuple[Tensor, Tensor, Tensor] | None:
+    def probe_entries(self, probe: Probe) -> tuple[Tensor, Tensor, Tensor] | None:
         """Stored keys of some entries, the step each was written (-1: never), and the images behind them."""
         raise NotImplementedError
 
-    def on_train_start(self) -> None:
-        method = self.method
-        total = max(int(method.trainer.estimated_stepping_batches), 1)
-        self.drift_every = max(1, method.steps_per_epoch(total) // DRIFT_SLOTS)
+    def on_train_start(self, steps_per_epoch: int) -> None:
+        self.drift_every = max(1, steps_per_epoch // DRIFT_SLOTS)
 
-    def record_drift(self, view: Tensor) -> None:
+    def record_drift(self, global_step: int, view: Tensor, key_net: KeyNet) -> None:
         """A few times per epoch (a fixed step schedule: no device sync), snapshot the view behind the keys just
         written, with its keys now."""
-        step = self.method.global_step
-        if self.drift_every is not None and step % self.drift_every == 0:
-            self.drift.record(step, view, self.method.eval_key_net)
+        if self.drift_every is not None and global_step % self.drift_every == 0:
+            self.drift.record(global_step, view, key_net)
 
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["drift_probe"] = self.drift.state_dict()
+    # the drift probe is not a module: checkpoints carry it beside the state dict
+    def drift_state(self) -> dict[str, Any]:
+        return self.drift.state_dict()
 
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if "drift_probe" in checkpoint:  # older checkpoints start it empty
-            self.drift.load_state_dict(checkpoint["drift_probe"])
+    def load_drift_state(self, state: dict[str, Any]) -> None:
+        self.drift.load_state_dict(state)
 
     @torch.no_grad()
-    def stats(self) -> dict[str, float]:
+    def stats(self, probe: Probe) -> dict[str, float]:
         """Staleness: the mean cosine between the stored entries of some probe images and the same images encoded
         now by the key encoder (1 = fresh), and the mean age of those entries in steps; then the drift."""
-        method = self.method
         stats = {"negatives_per_query": float(self.negatives_per_query()), "dictionary_size": float(len(self))}
-        probe = self.probe_entries()
-        if probe is None:
+        entries = self.probe_entries(probe)
+        if entries is None:
             return stats
-        stored, written, images = probe
-        was_training = method.training
-        method.eval()
-        fresh = method.key_net(method.eval_transform(images))
-        method.train(was_training)
+        stored, written, images = entries
+        fresh = probe.key_net(probe.transform(images))
         seen = written >= 0
         if seen.any():
             cos = F.cosine_similarity(stored[seen].float(), fresh[seen].float(), dim=1)
             stats["staleness"] = float(cos.mean())
-            stats["staleness_age_steps"] = float((method.global_step - written[seen]).float().mean())
+            stats["staleness_age_steps"] = float((probe.global_step - written[seen]).float().mean())
         if self.drift_every is not None:
-            stats.update(self.drift_stats())
+            stats.update(self.drift_stats(probe))
         return stats
 
-    def drift_stats(self) -> dict[str, float]:
-        """Encoder drift of the stored keys, their age in steps and epochs, and the regime: the dictionary's size
+    def drift_stats(self, probe: Probe) -> dict[str, float]:
+        """Encoder drift of the stored keys, their age in steps and epochs, and the dictionary's regime: its size
         over the training set's."""
-        method = self.method
-        per_epoch = method.steps_per_epoch(max(int(method.trainer.estimated_stepping_batches), 1))
-        window = self.drift_window(per_epoch)
-        stats = self.drift.measure(method.global_step, method.eval_key_net, window)
+        window = self.drift_window(probe.steps_per_epoch, probe.global_batch)
+        stats = self.drift.measure(probe.global_step, probe.key_net, window)
         if stats:
-            stats["drift_age_epochs"] = stats["drift_age_steps"] / per_epoch
+            stats["drift_age_epochs"] = stats["drift_age_steps"] / probe.steps_per_epoch
             stats["drift_window_steps"] = float(window)
-        stats["dictionary_ratio"] = len(self) / max(method.num_train, 1)
+        stats["dictionary_ratio"] = len(self) / max(probe.num_train, 1)
         return stats

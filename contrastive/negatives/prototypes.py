@@ -1,16 +1,12 @@
 """SwAV's dictionary (Caron et al. 2020): learnable prototypes instead of explicit negatives, the Sinkhorn-balanced
 codes of the batch against them (:func:`contrastive.losses.sinkhorn`), and the feature queue that enlarges the set
-Sinkhorn balances when batches are small; their usage, the figures of the collapse check, and their config checks.
-
-As the other sources, a component of its method: ``prototypes`` and ``queue`` are registered on the method, under
-the names its checkpoints carry (``prototypes.weight``, ``queue.features``, ``queue.ptr``, ``queue.filled``).
-"""
+Sinkhorn balances when batches are small; their usage (the collapse check's figures) and their config checks."""
 
 from __future__ import annotations
 
 import math
 import warnings
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -20,9 +16,6 @@ from contrastive import losses
 from contrastive.errors import ConfigWarning
 from contrastive.negatives.base import require
 from contrastive.negatives.ring import RingBuffer
-
-if TYPE_CHECKING:
-    from contrastive.methods.swav import SwAV
 
 
 class FeatureQueue(RingBuffer):
@@ -48,46 +41,83 @@ def normalised_entropy(counts: Tensor) -> Tensor:
     return -torch.special.xlogy(p, p).sum() / math.log(len(counts))
 
 
-class Prototypes:
-    def __init__(self, method: SwAV):
-        self.method = method
-        m = method.cfg.method
-        self.check_built(method.cfg)
-        method.prototypes = nn.Linear(m.proj_out_dim, m.num_prototypes, bias=False)
-        method.queue = FeatureQueue(m.num_views, m.queue_size, m.proj_out_dim) if m.queue_size > 0 else None
+class Prototypes(nn.Module):
+    """``num`` unit-length prototypes (no bias, as the official code), the scores ``z @ C^T`` of unit embeddings
+    against them, their Sinkhorn codes, and the optional per-process feature queue (``queue_size`` slots per large
+    crop, used from ``queue_start_epoch`` on once full). Frozen for the first ``freeze_steps`` optimiser steps."""
+
+    def __init__(
+        self,
+        dim: int,
+        num: int,
+        epsilon: float = 0.05,
+        iterations: int = 3,
+        crops: int = 2,
+        queue_size: int = 0,
+        queue_start_epoch: int = 0,
+        freeze_steps: int = 0,
+    ):
+        super().__init__()
+        self.check_values(num, epsilon, iterations)
+        self.epsilon, self.iterations, self.queue_start_epoch = epsilon, iterations, queue_start_epoch
+        weight = torch.empty(num, dim)
+        nn.init.kaiming_uniform_(weight, a=math.sqrt(5))  # as nn.Linear starts its weight
+        self.weight = nn.Parameter(weight)
+        self.queue = FeatureQueue(crops, queue_size, dim) if queue_size > 0 else None
         self.normalize()
-        # -1 (one epoch) is resolved when training starts and the epoch length is known
-        self.freeze_until = max(int(m.freeze_prototypes_steps), 0)
+        self.freeze_until = max(int(freeze_steps), 0)
         self.usage: Tensor | None = None
         self.loss_sum: Tensor | None = None
         self.loss_steps = 0
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> Prototypes:
+        m = cfg.method
+        cls.check_sizes(cfg)
+        return cls(
+            m.proj_out_dim,
+            m.num_prototypes,
+            m.sinkhorn_epsilon,
+            m.sinkhorn_iterations,
+            m.num_views,
+            m.feature_queue_size,
+            m.queue_start_epoch,
+            m.freeze_prototypes_steps,
+        )
+
+    def __len__(self) -> int:
+        return self.weight.shape[0]
+
+    def forward(self, z: Tensor) -> Tensor:
+        return F.linear(z, self.weight)
 
     # -- config checks -----------------------------------------------------------------------------------------
     @classmethod
     def check(cls, cfg: Any, world_size: int) -> None:
         m = cfg.method
-        for key, value in (("num_prototypes", m.num_prototypes), ("sinkhorn_iterations", m.sinkhorn_iterations)):
-            require(value >= 1, f"method.{key}={value} must be >= 1")
-        cls.check_built(cfg)
+        cls.check_values(m.num_prototypes, m.sinkhorn_epsilon, m.sinkhorn_iterations)
+        cls.check_sizes(cfg)
 
     @staticmethod
-    def check_built(cfg: Any) -> None:
+    def check_values(num: int, epsilon: float, iterations: int) -> None:
+        require(num >= 2, f"method.num_prototypes={num} must be >= 2")
+        require(
+            epsilon > 0 and iterations >= 1,
+            f"method.sinkhorn_epsilon={epsilon} must be > 0 and method.sinkhorn_iterations={iterations} >= 1",
+        )
+
+    @staticmethod
+    def check_sizes(cfg: Any) -> None:
         """Also run when the model is built (tests and tools build it without the config checks)."""
         m, batch = cfg.method, cfg.data.batch_size
-        require(m.num_prototypes >= 2, f"method.num_prototypes={m.num_prototypes} must be >= 2")
-        require(
-            m.sinkhorn_epsilon > 0 and m.sinkhorn_iterations >= 1,
-            f"method.sinkhorn_epsilon={m.sinkhorn_epsilon} must be > 0 and "
-            f"method.sinkhorn_iterations={m.sinkhorn_iterations} >= 1",
-        )
         require(
             m.num_views + m.num_small_views >= 2,
             f"method.num_views={m.num_views} + method.num_small_views={m.num_small_views}: "
             "swapped prediction needs at least 2 crops",
         )
         require(
-            m.queue_size >= 0 and m.queue_size % batch == 0,
-            f"method.queue_size={m.queue_size} must be 0 (no queue) or a positive multiple of "
+            m.feature_queue_size >= 0 and m.feature_queue_size % batch == 0,
+            f"method.feature_queue_size={m.feature_queue_size} must be 0 (no queue) or a positive multiple of "
             f"data.batch_size={batch} (the queue is per process), or entries are silently dropped",
         )
 
@@ -103,46 +133,40 @@ class Prototypes:
                 stacklevel=4,
             )
 
-    # -- the prototypes: unit length, frozen for a while ---------------------------------------------------------
+    # -- unit length, frozen for a while -----------------------------------------------------------------------
     @torch.no_grad()
     def normalize(self) -> None:
-        w = self.method.prototypes.weight
-        w.copy_(F.normalize(w, dim=1))
+        self.weight.copy_(F.normalize(self.weight, dim=1))
 
-    def frozen(self) -> bool:
+    def frozen(self, global_step: int) -> bool:
         """Whether the coming optimiser step leaves the prototypes where they are."""
-        return self.method.global_step < self.freeze_until
+        return global_step < self.freeze_until
 
     # -- codes and the queue -------------------------------------------------------------------------------------
-    def queue_active(self) -> bool:
-        queue = self.method.queue
-        return (
-            queue is not None and self.method.current_epoch >= self.method.cfg.method.queue_start_epoch and queue.full
-        )
+    def queue_active(self, epoch: int) -> bool:
+        return self.queue is not None and epoch >= self.queue_start_epoch and self.queue.full
 
     @torch.no_grad()
-    def codes(self, scores: list[Tensor]) -> list[Tensor]:
+    def codes(self, scores: list[Tensor], epoch: int) -> list[Tensor]:
         """Sinkhorn codes of each large crop's scores ``[n, K]``; with the queue active, the queue's scores against
         the current prototypes join the balanced set and only the batch's rows are kept. In float32 whatever the
         autocast: exponentials at ``1 / epsilon`` do not survive half precision."""
-        m, queue = self.method.cfg.method, self.method.queue
-        use_queue = self.queue_active()
-        prototypes = self.method.prototypes.weight.detach().float()
+        use_queue = self.queue_active(epoch)
+        prototypes = self.weight.detach().float()
         out = []
         with torch.autocast(device_type=scores[0].device.type, enabled=False):
             for i, batch_scores in enumerate(scores):
                 s = batch_scores.float()
                 if use_queue:
-                    s = torch.cat([queue.features[i].float() @ prototypes.T, s])
-                out.append(losses.sinkhorn(s, m.sinkhorn_epsilon, m.sinkhorn_iterations)[-len(batch_scores) :])
+                    s = torch.cat([self.queue.features[i].float() @ prototypes.T, s])
+                out.append(losses.sinkhorn(s, self.epsilon, self.iterations)[-len(batch_scores) :])
         return out
 
-    def enqueue(self, large: Tensor) -> None:
-        """The large crops' embeddings ``[crops, n, D]``, from ``method.queue_start_epoch`` on, as the official code
+    def enqueue(self, large: Tensor, epoch: int) -> None:
+        """The large crops' embeddings ``[crops, n, D]``, from ``queue_start_epoch`` on, as the official code
         creates the queue then: it is used once full, so its first use holds no embedding from before that epoch."""
-        queue = self.method.queue
-        if queue is not None and self.method.current_epoch >= self.method.cfg.method.queue_start_epoch:
-            queue.enqueue(large)
+        if self.queue is not None and epoch >= self.queue_start_epoch:
+            self.queue.enqueue(large)
 
     # -- usage, for the collapse check and the figures -------------------------------------------------------------
     @torch.no_grad()
@@ -150,7 +174,7 @@ class Prototypes:
         """Accumulate, on the device, the epoch's loss and how often each prototype is a code's argmax."""
         assigned = torch.cat(codes).argmax(1)
         if self.usage is None or self.usage.device != assigned.device:
-            self.usage = torch.zeros(self.method.cfg.method.num_prototypes, device=assigned.device)
+            self.usage = torch.zeros(len(self), device=assigned.device)
             self.loss_sum = torch.zeros((), device=assigned.device)
             self.loss_steps = 0
         # scatter_add rather than bincount: bincount reads the maximum back to the host on a GPU
@@ -174,7 +198,7 @@ class Prototypes:
 
     def stats(self) -> dict[str, float]:
         """K entries, no explicit negatives; plus their usage entropy."""
-        stats = {"negatives_per_query": 0.0, "dictionary_size": float(self.method.cfg.method.num_prototypes)}
+        stats = {"negatives_per_query": 0.0, "dictionary_size": float(len(self))}
         entropy = self.entropy()
         if entropy is not None:
             stats["prototype_entropy"] = entropy

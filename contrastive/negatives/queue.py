@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -10,7 +11,7 @@ from torch import Tensor
 
 from contrastive import distributed as dist
 from contrastive import losses
-from contrastive.negatives.base import StoredNegatives, Views, require
+from contrastive.negatives.base import Probe, Step, StoredNegatives, Views, positive_of, require
 from contrastive.negatives.ring import RingBuffer
 
 
@@ -37,15 +38,22 @@ class Queue(RingBuffer):
 
 
 class QueueNegatives(StoredNegatives):
-    """State: ``method.queue`` (:class:`Queue`, ``method.queue_size`` keys)."""
+    """Every query's negatives are the whole queue as it stood before this step."""
 
-    def __init__(self, method):
-        super().__init__(method)
-        m = method.cfg.method
-        method.queue = Queue(m.queue_size, m.proj_out_dim)
+    family = "momentum queue"  # the survey's architecture this source makes
+
+    def __init__(self, size: int, dim: int, temperature: float, probe_size: int = 256):
+        super().__init__(probe_size)
+        self.temperature, self.probe_size = temperature, probe_size
+        self.queue = Queue(size, dim)
 
     @classmethod
-    def check(cls, cfg, world_size: int) -> None:
+    def from_config(cls, cfg: Any, num_train: int, shared_keys: bool) -> QueueNegatives:
+        m = cfg.method
+        return cls(m.queue_size, m.proj_out_dim, m.temperature, m.probe_size)
+
+    @classmethod
+    def check(cls, cfg: Any, world_size: int) -> None:
         m, batch = cfg.method, cfg.data.batch_size
         global_batch = batch * world_size
         require(
@@ -54,55 +62,42 @@ class QueueNegatives(StoredNegatives):
             f"({batch} x {world_size} processes = {global_batch}), or the queue is silently truncated",
         )
 
-    @property
-    def queue(self) -> Queue:
-        return self.method.queue
-
     def __len__(self) -> int:
         return len(self.queue)
 
-    def key_views(self, query_views, other, num_views) -> list[int]:
+    def key_views(self, query_views: list[int], num_views: int) -> list[int]:
         # only the keys opposite the queries: one key pass per step for asymmetric MoCo
-        return sorted({other(i) for i in query_views})
+        return sorted({1 - i for i in query_views})
 
-    def loss(
-        self, queries: Views, keys: Views, other, index: Tensor, labels: Tensor, logs: dict[str, Tensor]
-    ) -> Tensor:
+    def written_view(self, keys: Views) -> int:
+        return 1 if 1 in keys else 0
+
+    def loss(self, queries: Views, keys: Views, step: Step) -> tuple[Tensor, dict[str, Tensor]]:
         """The queue as it was before this batch is every query's negatives; the new keys are enqueued only after
         all loss terms, so a sample's own key is never its negative (one queue, symmetric or not)."""
-        method = self.method
         # no copy of the queue: info_nce normalises it into a new tensor, so the in-place enqueue below cannot touch
         # what the backward pass reads
         terms = [
-            losses.info_nce(q, keys[other(i)], self.queue.keys, method.cfg.method.temperature)
-            for i, q in queries.items()
+            losses.info_nce(q, positive_of(i, keys), self.queue.keys, self.temperature) for i, q in queries.items()
         ]
-        fnr = method.false_negative_rate(labels, self.queue.index)
+        logs = {}
+        fnr = step.false_negative_rate(self.queue.index)
         # before the first enqueue the queue holds no sample, the rate is NaN and would make the epoch's mean NaN
-        if fnr is not None and method.global_step > 0:
+        if fnr is not None and step.global_step > 0:
             logs["false_negative_rate"] = fnr
-        self.queue.enqueue(dist.gather(keys[self.key_view(keys)].detach()), dist.gather(index), method.global_step)
-        return torch.stack(terms).mean()
+        written = keys[self.written_view(keys)].detach()
+        self.queue.enqueue(dist.gather(written), dist.gather(step.index), step.global_step)
+        return torch.stack(terms).mean(), logs
 
-    @staticmethod
-    def key_view(keys: Views) -> int:
-        """The view whose keys are enqueued."""
-        return 1 if 1 in keys else 0
+    def drift_window(self, steps_per_epoch: int, global_batch: int) -> int:
+        return math.ceil(len(self.queue) / global_batch)
 
-    def after_loss(self, views: list[Tensor], keys: Views) -> None:
-        self.record_drift(views[self.key_view(keys)])
-
-    def drift_window(self, per_epoch: int) -> int:
-        return math.ceil(len(self.queue) / self.method.global_batch_size)
-
-    def probe_entries(self):
-        method, queue = self.method, self.queue
+    def probe_entries(self, probe: Probe):
+        queue = self.queue
         filled = (queue.index >= 0).nonzero().squeeze(1)
-        if len(filled) == 0:
+        if len(filled) == 0 or probe.images_of is None:
             return None
         # spread over the ring: the first slots alone are a few batches, their age cycling with ptr
-        count = min(len(filled), method.cfg.method.probe_size)
-        filled = filled[torch.linspace(0, len(filled) - 1, count, device=method.device).round().long()]
-        train_set = method.trainer.datamodule.train_set
-        images = torch.stack([train_set[int(i)][0] for i in queue.index[filled].cpu()]).to(method.device)
-        return queue.keys[filled], queue.written_at[filled], images
+        count = min(len(filled), self.probe_size)
+        filled = filled[torch.linspace(0, len(filled) - 1, count, device=filled.device).round().long()]
+        return queue.keys[filled], queue.written_at[filled], probe.images_of(queue.index[filled].cpu())

@@ -7,7 +7,7 @@ import argparse
 import re
 import sys
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +26,7 @@ from contrastive.report.runs import (
     _by,
     _sort_value,
     accuracy_target,
+    distinct_runs,
     load_runs,
     run_groups,
     run_labels,
@@ -33,7 +34,7 @@ from contrastive.report.runs import (
     time_to_accuracy,
     values_by_x,
 )
-from contrastive.report.stats import summarize
+from contrastive.report.stats import DEFAULT_MARGINS, margins_with, summarize
 from contrastive.report.tables import (
     _fmt,
     _md_table,
@@ -112,7 +113,7 @@ def sweeps_section(runs: list[Run], swept: dict[str, list[str]], out: Path) -> l
                 "",
                 (
                     f"*Final kNN accuracy against `{key}`, one line per method through the mean at each value, "
-                    "a dot per run.*"
+                    "a dot per run, a bar for the 95% interval of the mean where a value has 2+ runs.*"
                 ),
                 "",
             ]
@@ -154,8 +155,8 @@ def sweeps_section(runs: list[Run], swept: dict[str, list[str]], out: Path) -> l
                 "",
                 (
                     "*Final kNN accuracy against the number of negatives per query, one line per method and "
-                    "negatives source through the mean at each point, a dot per run (log2 x axis), as in Fig. 3 "
-                    "of the MoCo paper.*"
+                    "negatives source through the mean at each point, a dot per run and a bar for the 95% interval "
+                    "of the mean where a point has 2+ runs (log2 x axis), as in Fig. 3 of the MoCo paper.*"
                 ),
                 "",
             ]
@@ -180,6 +181,8 @@ class Report:
     claims: list[Claim]
     target: float | None  # the time-to-accuracy target (kNN %)
     plots: list[Path]
+    copies: list[str]  # one line per group whose copies of a replicate were counted once
+    margins: dict[str, float]  # the equivalence margins the claims used
 
 
 def _sources(loaded: list[tuple[Path, list[Run]]]) -> str:
@@ -195,10 +198,16 @@ def _sources(loaded: list[tuple[Path, list[Run]]]) -> str:
     return ", ".join(parts)
 
 
-def build_report(root: Path | Sequence[Path], out: Path | None = None, target: float | None = None) -> Report:
+def build_report(
+    root: Path | Sequence[Path],
+    out: Path | None = None,
+    target: float | None = None,
+    margins: Mapping[str, float] | None = None,
+) -> Report:
     """Write ``comparison.md`` and its PNG plots into ``out`` (default: the first ``root``) and return them as a
     :class:`Report`. ``root``: a folder of runs, or several (a run folder counts as one) whose runs are compared
-    together. ``target``: the kNN accuracy of the time-to-accuracy table (default: the lowest every run reaches)."""
+    together. ``target``: the kNN accuracy of the time-to-accuracy table (default: the lowest every run reaches).
+    ``margins``: equivalence margins by metric (``knn``, ``drift``, ``staleness``) over the defaults."""
     roots = [Path(root)] if isinstance(root, (str, Path)) else [Path(r) for r in root]
     if not roots:
         raise NoRunsError("no folder given")
@@ -206,6 +215,7 @@ def build_report(root: Path | Sequence[Path], out: Path | None = None, target: f
     for r, found in loaded:
         if not found:
             raise NoRunsError(f"no run found below {r}: no readable metrics.json in it or its subfolders")
+    margins = margins_with(margins)
     runs = [run for _, found in loaded for run in found]
     names = [run.name for run in runs]
     if len(set(names)) < len(names):  # the same sub-folder name under two roots: say which root
@@ -214,13 +224,15 @@ def build_report(root: Path | Sequence[Path], out: Path | None = None, target: f
                 run.name = f"{r.name}/{run.name}" if run.path != r else run.name
     out = Path(out) if out is not None else roots[0]
     out.mkdir(parents=True, exist_ok=True)
+    loaded_count = len(runs)
+    runs, copies = distinct_runs(runs)  # copies of a replicate would pass for seeds
     swept = swept_keys(runs)
     runs.sort(key=lambda r: (r.method, tuple(_sort_value(r.value(k)) for k in swept[r.method]), r.name))
     labels = run_labels(runs, swept)
     groups = run_groups(runs, swept)
     table, group_table = runs_table(runs), groups_table(groups)
     target = accuracy_target(runs) if target is None else target
-    claims = survey_claims(runs)
+    claims = survey_claims(runs, margins)
 
     lines = [
         f"# Comparison of {len(runs)} runs in {_sources(loaded)}",
@@ -229,6 +241,16 @@ def build_report(root: Path | Sequence[Path], out: Path | None = None, target: f
         "",
         table,
         "",
+    ]
+    if copies:
+        lines += [
+            f"Copies: {loaded_count} run folders hold {len(runs)} distinct runs; runs of one group with the same seed "
+            "(a backup, a re-run, a parent folder that also holds results) are one replicate, counted once:",
+            "",
+            *(f"- {note}" for note in copies),
+            "",
+        ]
+    lines += [
         baselines_line(runs),
         "",
         budget_line(runs),
@@ -240,7 +262,12 @@ def build_report(root: Path | Sequence[Path], out: Path | None = None, target: f
         "",
         "## Groups",
         "",
-        ("Runs that differ only in `seed` form a group: mean ± half-width of the 95% interval (Student's t), n runs."),
+        (
+            "Runs that differ only in `seed` form a group: mean ± half-width of the 95% interval (Student's t), n "
+            "runs. kNN vs the best: the group's kNN minus the best group's in the same setting (data, backbone, "
+            "epochs), with its 95% interval (paired t where the two ran the same seeds, else Welch's; no correction "
+            "for many comparisons: the claims below carry the tests)."
+        ),
         "",
         group_table,
         "",
@@ -280,11 +307,11 @@ def build_report(root: Path | Sequence[Path], out: Path | None = None, target: f
             lines += [f"`{name}` not drawn: {missing}.", ""]
     lines += sweeps_section(runs, swept, out)
     lines += time_to_accuracy_section(groups, target, out)
-    lines += claims_section(claims)
+    lines += claims_section(claims, margins)
     path = out / "comparison.md"
     path.write_text("\n".join(lines))
     drawn = sorted(out / name for name in {m for m in re.findall(r"\]\(([^)]+\.png)\)", path.read_text())})
-    return Report(path, runs, groups, table, group_table, claims, target, drawn)
+    return Report(path, runs, groups, table, group_table, claims, target, drawn, copies, margins)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -307,9 +334,31 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="kNN accuracy (%%) for the time-to-accuracy table (default: the lowest every run reaches)",
     )
+    parser.add_argument(
+        "--margin",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help=(
+            "equivalence margin of a metric, repeatable: knn (every kNN accuracy, points; default "
+            f"{DEFAULT_MARGINS['knn']:g}), drift (default {DEFAULT_MARGINS['drift']:g}), staleness (default "
+            f"{DEFAULT_MARGINS['staleness']:g})"
+        ),
+    )
     args = parser.parse_args(argv)
+    margins = {}
+    for item in args.margin:
+        name, _, value = item.partition("=")
+        try:
+            margins[name.strip()] = float(value)
+        except ValueError:
+            parser.error(f"--margin {item!r}: expected NAME=NUMBER, e.g. knn=0.5")
     try:
-        report = build_report(args.dir, args.out, args.target)
+        margins = margins_with(margins)
+    except ValueError as err:
+        parser.error(f"--margin: {err}")
+    try:
+        report = build_report(args.dir, args.out, args.target, margins)
     except NoRunsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

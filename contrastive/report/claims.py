@@ -1,8 +1,10 @@
-"""The survey's claims, each checked on the runs by a stated rule and, between accuracies, a test on the groups."""
+"""The survey's claims, each checked on the runs by a stated rule and, between figures of groups of seeds, by a test
+whose outcome is a difference, an equivalence within a margin, or undecided (with the seeds that would decide it)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 from contrastive.report.runs import (
     _INSTANCE_FAMILIES,
@@ -10,13 +12,52 @@ from contrastive.report.runs import (
     _by,
     _mean,
     _values,
+    compare_runs,
+    compare_within,
+    distinct_runs,
     run_groups,
     swept_keys,
 )
-from contrastive.report.stats import ALPHA, FAILS, HOLDS, UNMEASURED, compare, summarize, within_noise
+from contrastive.report.stats import (
+    ALPHA,
+    FAILS,
+    HOLDS,
+    MAX_SEEDS,
+    TOO_FEW,
+    UNDECIDED,
+    UNMEASURED,
+    Comparison,
+    adjust,
+    margins_line,
+    margins_with,
+    summarize,
+)
 
 PAPER_QUEUE_RATIO = 0.05  # MoCo's ImageNet queue against its data: 65,536 / 1.28M (claim b's regime)
 SWAV_MARGIN = 5.0  # points of kNN accuracy within which clustering counts as "comparable" (claim f)
+
+SUPPORTS, CONTRADICTS, OPEN = "supports", "contradicts", "open"
+
+
+@dataclass
+class Test:
+    """One comparison behind a claim and what the claim needs of it: ``more`` (a above b) or ``at least`` (a above
+    b, or the two equivalent within the margin)."""
+
+    comparison: Comparison
+    wants: str = "more"
+
+    @property
+    def reading(self) -> str:
+        c = self.comparison
+        if c.outcome == TOO_FEW:
+            return TOO_FEW
+        if self.wants == "at least" and c.equivalent:
+            return SUPPORTS
+        if c.direction:
+            return SUPPORTS if c.direction > 0 else CONTRADICTS
+        # equivalent with no gain: the claim of "more" does not hold beyond the margin
+        return CONTRADICTS if c.equivalent else OPEN
 
 
 @dataclass
@@ -26,6 +67,37 @@ class Claim:
     rule: str
     verdict: str
     evidence: str
+    tests: list[Test] = field(default_factory=list, repr=False)
+    render: Callable[[], str] | None = field(default=None, repr=False, compare=False)
+
+    def decide(self) -> Claim:
+        """Verdict and evidence from the tests as they stand (after Holm's correction, once survey_claims ran it)."""
+        if self.tests:
+            self.verdict = overall(self.tests)
+        if self.render is not None:
+            self.evidence = self.render()
+        return self
+
+
+def overall(tests: list[Test]) -> str:
+    """Every test supports the claim: holds; one contradicts it: does not hold; else undecided with the seeds per
+    group that would decide the open ones, or not enough runs."""
+    readings = [test.reading for test in tests]
+    if all(r == SUPPORTS for r in readings):
+        return HOLDS
+    if CONTRADICTS in readings:
+        return FAILS
+    open_tests = [test.comparison for test, r in zip(tests, readings) if r == OPEN]
+    if not open_tests:
+        return f"{TOO_FEW} (n=1 in a group: no interval without repeats)"
+    seeds = [c.seeds_to_decide() for c in open_tests]
+    count = f"about {max(seeds)}" if None not in seeds else f"more than {MAX_SEEDS}"
+    return f"{UNDECIDED}: {count} seeds per group would decide it"
+
+
+def _claim(letter: str, statement: str, rule: str, tests: list[Test], render: Callable[[], str]) -> Claim:
+    adjust([test.comparison for test in tests])  # alone, Holm over its own tests; survey_claims redoes it over all
+    return Claim(letter, statement, rule, "", "", tests, render).decide()
 
 
 def _family(runs: list[Run], *families: str) -> list[Run]:
@@ -49,23 +121,17 @@ def _setting_name(setting: tuple) -> str:
     return "/".join(setting)
 
 
-def _overall(verdicts: list[str], n: list[tuple[int, ...]]) -> str:
-    """One verdict over several comparisons: every one holds, or one fails; else within noise, with the run counts
-    of the groups compared (``n``: one tuple per comparison, or per group counted once)."""
-    if all(v == HOLDS for v in verdicts):
-        return HOLDS
-    if any(v == FAILS for v in verdicts):
-        return FAILS
-    return within_noise([k for pair in n for k in pair])
-
-
 _TEST = (
-    f"Welch's t-test over the runs (seeds) of each group, two-sided at {ALPHA:g}: 'holds' or 'does not hold' "
-    "only when the difference is beyond the noise, otherwise 'within noise' (no test with one run per group)"
+    "each comparison by a paired t-test on the per-seed differences where both sides ran the same seeds, else by "
+    f"Welch's t-test; 95% intervals; two-sided at {ALPHA:g} after Holm's correction over every test of the claims "
+    "(raw and adjusted p shown); 'equivalent' by two one-sided tests within the metric's margin; 'undecided' says "
+    "how many seeds per group would decide it at the observed spread; 'not enough runs' with one run per group"
 )
+_ALL = "one verdict over the comparisons: all support it, or one contradicts it, else undecided"
 
 
-def claim_batch_size(runs: list[Run]) -> Claim:
+def claim_batch_size(runs: list[Run], margins: Mapping[str, float] | None = None) -> Claim:
+    m = margins_with(margins)
     by_batch = _by(
         (r for r in _family(runs, "end-to-end") if r.num("global_batch_size") is not None),
         lambda r: r.num("global_batch_size"),
@@ -75,55 +141,59 @@ def claim_batch_size(runs: list[Run]) -> Claim:
     batches = sorted(b for b in by_batch if _values(by_batch[b], "knn_acc"))
     if len(batches) < 2:
         return Claim("a", statement, rule, UNMEASURED, "needs end-to-end runs at two or more batch sizes")
-    test = compare(_values(by_batch[batches[-1]], "knn_acc"), _values(by_batch[batches[0]], "knn_acc"))
-    evidence = (
-        "kNN by batch: "
-        + ", ".join(f"{b:g}: {summarize(_values(by_batch[b], 'knn_acc'))}" for b in batches)
-        + f"; largest - smallest: {test}"
+    large, small = batches[-1], batches[0]
+    test = Test(
+        compare_runs(
+            by_batch[large], by_batch[small], "knn_acc", m["knn"], names=(f"batch {large:g}", f"batch {small:g}")
+        )
     )
-    return Claim("a", statement, rule, test.verdict, evidence)
+    prefix = "kNN by batch: " + ", ".join(f"{b:g}: {summarize(_values(by_batch[b], 'knn_acc'))}" for b in batches)
+    return _claim("a", statement, rule, [test], lambda: f"{prefix}; {test.comparison}")
 
 
-def claim_staleness(runs: list[Run]) -> Claim:
+def _age(runs: list[Run]) -> str:
+    age = _values(runs, "drift_age_epochs")
+    return f", keys {_mean(age):.2f} epochs old" if age else ""
+
+
+def claim_staleness(runs: list[Run], margins: Mapping[str, float] | None = None) -> Claim:
     """On the encoder drift of the stored keys when the runs recorded it, else on the older staleness cosine."""
+    m = margins_with(margins)
     statement = "The memory bank's stored keys are staler (less consistent with the current encoder) than MoCo's queue."
     bank_runs, queue_runs = _family(runs, "memory bank"), _family(runs, "momentum queue")
     if _values(bank_runs, "drift") and _values(queue_runs, "drift"):
         rule = (
             "encoder drift (1 - cosine between a stored key's eval-mode encoding when written and now, on the same "
-            f"view) of memory-bank runs > of MoCo runs, at each size of MoCo's queue against the data set (one "
-            f"verdict over them: all hold, or one does not, else within noise); {_TEST}"
+            f"view) of memory-bank runs > of MoCo runs, at each size of MoCo's queue against the data set ({_ALL}); "
+            + _TEST
         )
-        bank = _values(bank_runs, "drift")
+        bank_with = [r for r in bank_runs if r.num("drift") is not None]
         # one comparison per size of MoCo's queue against the data, as the regime decides how old its keys are
         by_ratio = _by(
             (r for r in queue_runs if r.num("drift") is not None),
             lambda r: float(f"{r.num('dictionary_ratio'):.2g}"),  # recorded with every drift
         )
-        parts, verdicts, counts = [], [], [(len(bank),)]  # the bank's group, compared with each of MoCo's, once
+        tests, wheres = [], []
         for ratio, group in sorted(by_ratio.items()):
-            queue = _values(group, "drift")
-            test = compare(bank, queue)
             where = f"MoCo in the regime of a queue {ratio:g}x the data"
             if ratio <= PAPER_QUEUE_RATIO:
                 where += f" (the paper's: at most {PAPER_QUEUE_RATIO:g}x)"
-            age = _values(group, "drift_age_epochs")
-            parts.append(
-                f"{where}: drift {summarize(queue).mean:.4f} (n={len(queue)}"
-                + (f", keys {_mean(age):.2f} epochs old" if age else "")
-                + f"), bank - MoCo {test.diff:+.4f}, {str(test).split(', ', 1)[1]}: {test.verdict.split(' (')[0]}"
-            )
-            verdicts.append(test.verdict)
-            counts.append((len(queue),))
-        bank_age, bank_ratio = _values(bank_runs, "drift_age_epochs"), _values(bank_runs, "dictionary_ratio")
-        evidence = (
-            f"memory bank: drift {summarize(bank).mean:.4f} (n={len(bank)}"
-            + (f", keys {_mean(bank_age):.2f} epochs old" if bank_age else "")
+            queue = _values(group, "drift")
+            wheres.append(f"{where}: drift {summarize(queue).mean:.4f} (n={len(queue)}{_age(group)})")
+            tests.append(Test(compare_runs(bank_with, group, "drift", m["drift"], names=("bank", "MoCo"), digits=4)))
+        bank, bank_ratio = _values(bank_runs, "drift"), _values(bank_runs, "dictionary_ratio")
+        head = (
+            f"memory bank: drift {summarize(bank).mean:.4f} (n={len(bank)}{_age(bank_runs)}"
             + (f", dictionary / data {_mean(bank_ratio):.2f}" if bank_ratio else "")
-            + "); "
-            + "; ".join(parts)
+            + ")"
         )
-        return Claim("b", statement, rule, _overall(verdicts, counts), evidence)
+        return _claim(
+            "b",
+            statement,
+            rule,
+            tests,
+            lambda: "; ".join([head, *(f"{w}: {t.comparison}" for w, t in zip(wheres, tests))]),
+        )
     rule = (
         "staleness cosine of MoCo runs > that of memory-bank runs (1 = fresh; the cosine also counts the "
         "augmentation and training-mode batch norm behind each stored key, not only encoder drift: runs that "
@@ -132,18 +202,15 @@ def claim_staleness(runs: list[Run]) -> Claim:
     bank, queue = _values(bank_runs, "staleness"), _values(queue_runs, "staleness")
     if not bank or not queue:
         return Claim("b", statement, rule, UNMEASURED, "needs drift or staleness from memory-bank and MoCo runs")
-    test = compare(queue, bank)
+    test = Test(compare_runs(queue_runs, bank_runs, "staleness", m["staleness"], names=("MoCo", "bank"), digits=3))
     bank_s, queue_s = summarize(bank), summarize(queue)
-    evidence = (
-        f"memory bank {bank_s.mean:.3f} (n={bank_s.n}), MoCo {queue_s.mean:.3f} (n={queue_s.n}); "
-        f"MoCo - bank: {test.diff:+.3f}, {str(test).split(', ', 1)[1]}"
-    )
-    return Claim("b", statement, rule, test.verdict, evidence)
+    head = f"memory bank {bank_s.mean:.3f} (n={bank_s.n}), MoCo {queue_s.mean:.3f} (n={queue_s.n})"
+    return _claim("b", statement, rule, [test], lambda: f"{head}; staleness {test.comparison}")
 
 
-def claim_decoupled(runs: list[Run]) -> Claim:
+def claim_decoupled(runs: list[Run], margins: Mapping[str, float] | None = None) -> Claim:
     statement = "MoCo decouples the number of negatives from the batch: more negatives per query than end-to-end."
-    rule = "at every batch size with both, MoCo's largest negatives/query > end-to-end's largest"
+    rule = "at every batch size with both, MoCo's largest negatives/query > end-to-end's largest (a count: no noise)"
 
     def largest(families: str) -> dict[float, float]:
         out: dict[float, float] = {}
@@ -161,10 +228,14 @@ def claim_decoupled(runs: list[Run]) -> Claim:
     return Claim("c", statement, rule, HOLDS if all(queue[b] > e2e[b] for b in shared) else FAILS, evidence)
 
 
-def claim_more_negatives(runs: list[Run]) -> Claim:
+def claim_more_negatives(runs: list[Run], margins: Mapping[str, float] | None = None) -> Claim:
+    m = margins_with(margins)
     statement = "More negatives help instance discrimination."
-    rule = f"for every method whose runs differ in negatives/query: kNN at the largest K > at the smallest K; {_TEST}"
-    parts, verdicts, ns = [], [], []
+    rule = (
+        "for every method whose runs differ in negatives/query: kNN at the largest K > at the smallest K "
+        f"({_ALL}); {_TEST}"
+    )
+    tests, heads = [], []
     for method, group in sorted(_by(runs, lambda r: r.method).items()):
         by_k = _by(
             (r for r in group if r.num("negatives_per_query") is not None and r.num("knn_acc") is not None),
@@ -172,119 +243,146 @@ def claim_more_negatives(runs: list[Run]) -> Claim:
         )
         if len(by_k) >= 2:
             k0, k1 = min(by_k), max(by_k)
-            test = compare(_values(by_k[k1], "knn_acc"), _values(by_k[k0], "knn_acc"))
-            parts.append(
-                f"{method}: K={k0:g} {summarize(_values(by_k[k0], 'knn_acc'))} -> "
-                f"K={k1:g} {summarize(_values(by_k[k1], 'knn_acc'))} ({test})"
+            tests.append(Test(compare_runs(by_k[k1], by_k[k0], "knn_acc", m["knn"], names=(f"K={k1:g}", f"K={k0:g}"))))
+            heads.append(
+                f"{method}: K={k0:g} {summarize(_values(by_k[k0], 'knn_acc'))} -> K={k1:g} "
+                f"{summarize(_values(by_k[k1], 'knn_acc'))}"
             )
-            verdicts.append(test.verdict)
-            ns.append(test.n)
-    if not verdicts:
+    if not tests:
         return Claim("d", statement, rule, UNMEASURED, "needs a method with runs at two or more negatives/query")
-    return Claim("d", statement, rule, _overall(verdicts, ns), "; ".join(parts))
+    return _claim("d", statement, rule, tests, lambda: "; ".join(f"{h}: {t.comparison}" for h, t in zip(heads, tests)))
 
 
-def _compare_best(runs: list[Run], a: tuple[str, ...], b: tuple[str, ...], margin: float = 0.0):
-    """Per shared setting: the best group of families ``a`` against the best of ``b`` (kNN)."""
+def _compare_best(
+    runs: list[Run], a: tuple[str, ...], b: tuple[str, ...], names: tuple[str, str], wants: str, **kwargs
+) -> list[tuple[str, Test]]:
+    """Per shared setting: the best group of families ``a`` against the best of ``b`` (kNN), with the groups'
+    summaries as the head of its evidence."""
     best_a, best_b = _best_group_per_setting(runs, a), _best_group_per_setting(runs, b)
-    return [
-        (
-            s,
-            compare(_values(best_a[s], "knn_acc"), _values(best_b[s], "knn_acc"), margin),
-            summarize(_values(best_a[s], "knn_acc")),
-            summarize(_values(best_b[s], "knn_acc")),
+    out = []
+    for s in sorted(set(best_a) & set(best_b)):
+        head = (
+            f"{_setting_name(s)}: {names[0]} {summarize(_values(best_a[s], 'knn_acc'))} vs {names[1]} "
+            f"{summarize(_values(best_b[s], 'knn_acc'))}"
         )
-        for s in sorted(set(best_a) & set(best_b))
-    ]
+        out.append((head, Test(compare_runs(best_a[s], best_b[s], "knn_acc", names=names, **kwargs), wants)))
+    return out
 
 
-def claim_moco_vs_bank(runs: list[Run]) -> Claim:
+def claim_moco_vs_bank(runs: list[Run], margins: Mapping[str, float] | None = None) -> Claim:
+    m = margins_with(margins)
     statement = "MoCo is at least as accurate as the memory bank at comparable settings (MoCo paper, Fig. 3)."
     rule = (
-        "best MoCo group's kNN > best memory-bank group's, among runs with the same data, backbone and epochs; " + _TEST
+        "best MoCo group's kNN above the best memory-bank group's or equivalent to it within the margin, among runs "
+        f"with the same data, backbone and epochs; {_TEST}"
     )
-    tests = _compare_best(runs, ("momentum queue",), ("memory bank",))
-    if not tests:
+    parts = _compare_best(
+        runs, ("momentum queue",), ("memory bank",), ("MoCo", "memory bank"), "at least", margin=m["knn"]
+    )
+    if not parts:
         return Claim("e", statement, rule, UNMEASURED, "needs MoCo and memory-bank runs with the same setting")
-    evidence = "; ".join(f"{_setting_name(s)}: MoCo {a} vs memory bank {b} ({t})" for s, t, a, b in tests)
-    return Claim(
-        "e", statement, rule, _overall([t.verdict for _, t, _, _ in tests], [t.n for _, t, _, _ in tests]), evidence
-    )
+    tests = [t for _, t in parts]
+    return _claim("e", statement, rule, tests, lambda: "; ".join(f"{h}: {t.comparison}" for h, t in parts))
 
 
-def claim_clustering(runs: list[Run]) -> Claim:
+def claim_clustering(runs: list[Run], margins: Mapping[str, float] | None = None) -> Claim:
     statement = (
         "Clustering (SwAV) reaches accuracy comparable to the instance-contrastive methods without any "
         "explicit negatives."
     )
     rule = (
-        f"best SwAV group's kNN + {SWAV_MARGIN:g} points > best instance-contrastive group's, among runs with "
-        f"the same data, backbone and epochs; {_TEST}"
+        f"best SwAV group's kNN - best instance-contrastive group's > -{SWAV_MARGIN:g} points (the claim's own margin "
+        f"of comparable), among runs with the same data, backbone and epochs; {_TEST}"
     )
-    tests = _compare_best(runs, ("clustering",), _INSTANCE_FAMILIES, SWAV_MARGIN)
-    if not tests:
+    parts = _compare_best(
+        runs, ("clustering",), _INSTANCE_FAMILIES, ("SwAV", "best instance"), "more", offset=SWAV_MARGIN
+    )
+    if not parts:
         return Claim("f", statement, rule, UNMEASURED, "needs SwAV and instance-contrastive runs with the same setting")
-    evidence = "; ".join(
-        f"{_setting_name(s)}: SwAV {a} vs best instance {b} (with the margin: {t})" for s, t, a, b in tests
-    )
-    return Claim(
-        "f", statement, rule, _overall([t.verdict for _, t, _, _ in tests], [t.n for _, t, _, _ in tests]), evidence
-    )
+    tests = [t for _, t in parts]
+    return _claim("f", statement, rule, tests, lambda: "; ".join(f"{h}: {t.comparison}" for h, t in parts))
 
 
-def claim_learned(runs: list[Run]) -> Claim:
+def claim_learned(runs: list[Run], margins: Mapping[str, float] | None = None) -> Claim:
+    m = margins_with(margins)
     statement = "Every method learned something: its final 1-shot kNN beats the same figure at random initialisation."
-    rule = "every run with both figures: knn_acc_1shot > init_knn_acc_1shot"
-    pairs = [(run, run.num("knn_acc_1shot"), run.num("init_knn_acc_1shot")) for run in runs]
-    pairs = [(run, final, init) for run, final, init in pairs if final is not None and init is not None]
-    if not pairs:
+    rule = (
+        "per group (the seeds of one configuration), knn_acc_1shot > init_knn_acc_1shot, paired per run "
+        f"({_ALL}); {_TEST}"
+    )
+    tests, heads = [], []
+    for label, group in run_groups(runs, swept_keys(runs)).items():
+        both = [r for r in group if r.num("knn_acc_1shot") is not None and r.num("init_knn_acc_1shot") is not None]
+        if both:
+            tests.append(
+                Test(compare_within(both, "knn_acc_1shot", "init_knn_acc_1shot", m["knn"], names=("final", "init")))
+            )
+            final, init = _values(both, "knn_acc_1shot"), _values(both, "init_knn_acc_1shot")
+            heads.append(f"{label}: 1-shot {summarize(final)} vs init {summarize(init)}")
+    if not tests:
         return Claim("g", statement, rule, UNMEASURED, "needs runs with knn_acc_1shot and init_knn_acc_1shot")
-    evidence = "; ".join(f"{run.name}: {final:.1f} vs init {init:.1f}" for run, final, init in pairs)
-    return Claim("g", statement, rule, HOLDS if all(final > init for _, final, init in pairs) else FAILS, evidence)
+    return _claim("g", statement, rule, tests, lambda: "; ".join(f"{h}: {t.comparison}" for h, t in zip(heads, tests)))
 
 
-def claim_later_stages(runs: list[Run]) -> Claim:
+def claim_later_stages(runs: list[Run], margins: Mapping[str, float] | None = None) -> Claim:
+    m = margins_with(margins)
     statement = (
         "Features from later stages of the encoder serve better than earlier ones (the survey: res5 against "
         "res2 to res4)."
     )
-    rule = f"per group, kNN of the last encoder stage > of the first (`eval.stages=true`); {_TEST}"
-    parts, verdicts, ns = [], [], []
+    rule = (
+        f"per group, kNN of the last encoder stage > of the first (`eval.stages=true`), paired per run ({_ALL}); "
+        + _TEST
+    )
+    tests, heads = [], []
     for label, group in run_groups(runs, swept_keys(runs)).items():
         names = next((run.metrics["stages"] for run in group if isinstance(run.metrics.get("stages"), list)), None)
         if not names or len(names) < 2:
             continue
-        first, last = (_values(group, f"stage_{name}_knn_acc") for name in (names[0], names[-1]))
-        if first and last:
-            test = compare(last, first)
+        first, last = (f"stage_{name}_knn_acc" for name in (names[0], names[-1]))
+        both = [r for r in group if r.num(first) is not None and r.num(last) is not None]
+        if both:
+            tests.append(Test(compare_within(both, last, first, m["knn"], names=(names[-1], names[0]))))
             by_stage = ", ".join(
                 f"{name} {summarize(_values(group, f'stage_{name}_knn_acc')).mean:.1f}"
                 for name in names
                 if _values(group, f"stage_{name}_knn_acc")
             )
-            parts.append(f"{label}: {by_stage} ({names[-1]} - {names[0]}: {test})")
-            verdicts.append(test.verdict)
-            ns.append(test.n)
-    if not verdicts:
+            heads.append(f"{label}: {by_stage}")
+    if not tests:
         return Claim("h", statement, rule, UNMEASURED, "needs runs with per-stage probes (eval.stages=true)")
-    return Claim("h", statement, rule, _overall(verdicts, ns), "; ".join(parts))
+    return _claim("h", statement, rule, tests, lambda: "; ".join(f"{h}: {t.comparison}" for h, t in zip(heads, tests)))
 
 
-def survey_claims(runs: list[Run]) -> list[Claim]:
-    checks = [
-        claim_batch_size,
-        claim_staleness,
-        claim_decoupled,
-        claim_more_negatives,
-        claim_moco_vs_bank,
-        claim_clustering,
-        claim_learned,
-        claim_later_stages,
-    ]
-    return [check(runs) for check in checks]
+CHECKS = (
+    claim_batch_size,
+    claim_staleness,
+    claim_decoupled,
+    claim_more_negatives,
+    claim_moco_vs_bank,
+    claim_clustering,
+    claim_learned,
+    claim_later_stages,
+)
 
 
-def claims_section(claims: list[Claim]) -> list[str]:
+def survey_claims(runs: list[Run], margins: Mapping[str, float] | None = None) -> list[Claim]:
+    """Every claim on ``runs`` (copies of a replicate counted once), Holm's correction over all their tests."""
+    runs, _ = distinct_runs(runs)
+    margins = margins_with(margins)
+    claims = [check(runs, margins) for check in CHECKS]
+    adjust([test.comparison for claim in claims for test in claim.tests])
+    return [claim.decide() for claim in claims]
+
+
+def count_tests(claims: list[Claim]) -> tuple[int, int]:
+    """(comparisons tested, tests among them): a comparison with a margin makes two tests."""
+    comparisons = [test.comparison for claim in claims for test in claim.tests if test.comparison.p_value is not None]
+    return len(comparisons), len(comparisons) + sum(c.p_equiv is not None for c in comparisons)
+
+
+def claims_section(claims: list[Claim], margins: Mapping[str, float] | None = None) -> list[str]:
+    comparisons, tests = count_tests(claims)
     lines = [
         "## Survey claims",
         "",
@@ -293,6 +391,21 @@ def claims_section(claims: list[Claim]) -> list[str]:
             "checked against the runs above. Families: end-to-end = negatives from the batch (SimCLR), memory bank "
             "(NPID), momentum queue (MoCo), clustering (SwAV). kNN accuracies in percent."
         ),
+        "",
+        (
+            f"Each comparison reads as one of three outcomes: one side better by x [95% interval], the two "
+            f"equivalent within the metric's margin (two one-sided tests), or undecided, with about how many seeds "
+            f"per group would decide it at the observed spread. Runs that share a seed share the initialisation and "
+            f"the data order, so groups that ran the same seeds are compared by the paired t-test on the per-seed "
+            f"differences; others by Welch's t-test. p-values are shown raw and after Holm's correction over the "
+            f"{tests} tests of the {comparisons} comparisons of this section (family-wise level {ALPHA:g}); a "
+            "comparison's difference and equivalence tests cannot both test a true hypothesis (no difference, and "
+            "apart by the margin or more, exclude each other), so each comparison counts once in Holm's factors "
+            "(Shaffer's refinement). Verdicts use the adjusted p-values; a seed count assumes the level the "
+            "correction gives that test now."
+        ),
+        "",
+        margins_line(margins_with(margins)) + f" Claim f's own margin of comparable: {SWAV_MARGIN:g} kNN points.",
         "",
     ]
     for claim in claims:

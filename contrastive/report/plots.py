@@ -11,6 +11,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from contrastive.report.runs import Run, _as_float, _by, knn_curve
+from contrastive.report.stats import summarize
 
 _LINESTYLES = ["-", "--", ":", "-."]
 _MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
@@ -187,8 +188,9 @@ def plot_lines(
     path: Path,
     log2: bool = False,
 ) -> None:
-    """One line per series through the mean at each x, with every run's value as a dot (the seed spread);
-    log2 x if asked or where the values span a wide range."""
+    """One line per series through the mean at each x, with every run's value as a dot (the seed spread) and the
+    95% interval of the mean as a bar where a point has 2+ runs; log2 x if asked or where the values span a wide
+    range."""
     fig = Figure(figsize=(6.5, 4.5))
     ax = fig.subplots()
     for i, (name, points) in enumerate(series.items()):
@@ -204,6 +206,18 @@ def plot_lines(
         spread = [(x, y) for x, ys in points if len(ys) > 1 for y in ys]
         if spread:
             ax.scatter(*zip(*spread), color=line.get_color(), marker=marker, s=20, alpha=0.5, linewidths=0)
+            # the 95% interval of each point's mean: what a reader needs to tell two points apart
+            bars = [(x, summarize(ys)) for x, ys in points if len(ys) > 1]
+            ax.errorbar(
+                [x for x, _ in bars],
+                [s.mean for _, s in bars],
+                yerr=[s.half_width for _, s in bars],
+                fmt="none",
+                ecolor=line.get_color(),
+                elinewidth=1,
+                capsize=3,
+                alpha=0.8,
+            )
     xs = [x for points in series.values() for x, _ in points]
     if log2 and min(xs) > 0:
         _set_log2(ax)

@@ -76,8 +76,16 @@ class Run:
 
     @property
     def family(self) -> str | None:
-        """The survey's architecture: from the negatives' source, else from the method's name."""
+        """The survey's architecture: as the run recorded it (``family`` in metrics.json), else, for results written
+        before that key, from the negatives' source or the method's name."""
+        recorded = self.metrics.get("family")
+        if isinstance(recorded, str) and recorded.strip():
+            return recorded.strip()
         return _FAMILY_BY_NEGATIVES.get(str(self.metrics.get("negatives"))) or _FAMILY_BY_METHOD.get(self.method)
+
+    @property
+    def seed(self) -> float | str | None:
+        return self.value("seed")
 
     @property
     def setting(self) -> tuple[str, str, str]:
@@ -226,3 +234,98 @@ def values_by_x(group: list[Run], x_of: Callable[[Run], Any], key: str = "knn_ac
         if x is not None and y is not None:
             by_x[x].append(y)
     return sorted(by_x.items())
+
+
+# Summary keys that the configuration decides (not the training's outcome): runs that differ in one are not copies,
+# even where their overrides match (a queue size set by an experiment file rather than on the command line).
+_CONFIG_KEYS = (
+    "method",
+    "family",
+    "data",
+    "backbone",
+    "epochs",
+    "global_steps",
+    "global_batch_size",
+    "negatives",
+    "key_encoder",
+    "negatives_per_query",
+    "dictionary_size",
+    "dictionary_ratio",
+)
+
+
+def _replicate_key(run: Run) -> tuple:
+    """What makes a run a replicate of its group: its seed and configuration (overrides and the summary's config
+    figures); without a seed, its whole summary (an exact copy)."""
+    seed = run.seed
+    if seed is None:
+        return ("copy", json.dumps(run.metrics, sort_keys=True, default=str))
+    overrides = sorted((k, v) for k, v in run.overrides.items() if not _ignored(k))
+    config = [(key, json.dumps(run.metrics.get(key), default=str)) for key in _CONFIG_KEYS]
+    return ("seed", seed, tuple(overrides), tuple(config))
+
+
+def distinct_runs(runs: list[Run]) -> tuple[list[Run], list[str]]:
+    """One run per replicate: runs of one group (same configuration) with the same seed are copies (a backup, a
+    re-run, a parent folder holding results too) and count once. Returns the runs kept and a line per group that
+    had copies, naming them."""
+    groups = run_groups(runs, swept_keys(runs))
+    kept_ids, notes = set(), []
+    for label, group in groups.items():
+        by_key = _by(group, lambda r: (r.setting, _replicate_key(r)))
+        copies = []
+        for (_, key), members in by_key.items():
+            members = sorted(members, key=lambda r: (r.name.count("/"), r.name))
+            kept_ids.add(id(members[0]))
+            if len(members) > 1:
+                copies.append((key, members))
+        if not copies:
+            continue
+        seeds = [
+            f"{len(m)} copies of seed {_short(k[1])}"
+            if k[0] == "seed"
+            else f"{len(m)} identical copies of `{m[0].name}`"
+            for k, m in copies
+        ]
+        if len(seeds) > 6:
+            runs_in = sum(len(m) for _, m in copies)
+            seeds = [f"{runs_in} runs that are copies of {len(copies)} replicates"]
+        kept = [m[0].name for _, m in copies]
+        notes.append(
+            f"`{label}`: {', '.join(seeds)} counted once each (same seed and configuration: one replicate; kept "
+            + ", ".join(f"`{name}`" for name in kept[:3])
+            + (f" and {len(kept) - 3} more" if len(kept) > 3 else "")
+            + ")"
+        )
+    return [run for run in runs if id(run) in kept_ids], notes
+
+
+def _seeded(group: Iterable[Run], key: str) -> list[tuple[Any, float]]:
+    return [(run.seed, v) for run in group if (v := run.num(key)) is not None]
+
+
+def compare_runs(a: Iterable[Run], b: Iterable[Run], key: str, margin: float | None = None, **kwargs: Any):
+    """``key`` of runs ``a`` minus runs ``b``: paired by seed where both sides ran exactly the same seeds (once each),
+    else Welch's test; ``kwargs`` go to :func:`contrastive.report.stats.compare`."""
+    from contrastive.report.stats import compare
+
+    va, vb = _seeded(a, key), _seeded(b, key)
+    seeds_a, seeds_b = [s for s, _ in va], [s for s, _ in vb]
+    paired = (
+        None not in seeds_a
+        and len(set(seeds_a)) == len(seeds_a) == len(seeds_b) == len(set(seeds_b))
+        and set(seeds_a) == set(seeds_b)
+        and bool(va)
+    )
+    if paired:
+        by_seed = dict(vb)
+        return compare([v for _, v in va], [by_seed[s] for s, _ in va], margin, paired=True, **kwargs)
+    return compare([v for _, v in va], [v for _, v in vb], margin, **kwargs)
+
+
+def compare_within(group: Iterable[Run], key_a: str, key_b: str, margin: float | None = None, **kwargs: Any):
+    """Two figures of the same runs (a stage against another, final against initialisation): paired per run."""
+    from contrastive.report.stats import compare
+
+    pairs = [(x, y) for run in group if (x := run.num(key_a)) is not None and (y := run.num(key_b)) is not None]
+    return compare([x for x, _ in pairs], [y for _, y in pairs], margin, paired=True, **kwargs)

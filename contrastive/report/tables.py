@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from contrastive.report.runs import Run, _as_float, _by, _mean, _short, _values
+from contrastive.report.runs import Run, _as_float, _by, _mean, _short, _values, compare_runs
 from contrastive.report.stats import summarize
 
 
@@ -37,6 +37,7 @@ COLUMNS: list[tuple[str, str, int | None]] = [
     ("alignment", "alignment", 3),
     ("uniformity", "uniformity", 3),
     ("images/s", "images_per_sec", 0),
+    ("utilisation", "utilisation", 3),  # achieved FLOP/s / measured peak (contrastive.flops_callback)
     ("peak mem (MB)", "peak_mem_mb", 0),
     ("time (s)", "train_time_s", 1),
 ]
@@ -66,17 +67,48 @@ GROUP_COLUMNS = [
 ]
 
 
+def difference_cell(group: list[Run], reference: list[Run], key: str = "knn_acc") -> str:
+    """``key`` of ``group`` minus ``reference``: the difference with its 95% interval and the test's kind."""
+    if not _values(group, key) or not _values(reference, key):
+        return "-"
+    c = compare_runs(group, reference, key)
+    if c.low is None:
+        return f"{c.diff:+.1f} (n={min(c.n)})"
+    return f"{c.diff:+.1f} [{c.low:+.1f}, {c.high:+.1f}] ({'paired' if c.paired else 'Welch'})"
+
+
+def _best_per_setting(groups: dict[str, list[Run]]) -> dict[tuple, str]:
+    best: dict[tuple, tuple[float, str]] = {}
+    for label, group in groups.items():
+        values = _values(group, "knn_acc")
+        if values and (group[0].setting not in best or _mean(values) > best[group[0].setting][0]):
+            best[group[0].setting] = (_mean(values), label)
+    return {setting: label for setting, (_, label) in best.items()}
+
+
 def groups_table(groups: dict[str, list[Run]]) -> str:
-    """Mean and 95% interval of each figure over a group's runs (its seeds)."""
+    """Mean and 95% interval of each figure over a group's runs (its seeds); beside the kNN, the difference to the
+    best group of the same setting with its interval."""
+    best = _best_per_setting(groups)
     rows = []
     for label, group in groups.items():
         cells = []
         for _, key in GROUP_COLUMNS:
             values = _values(group, key)
             cells.append(str(summarize(values)) if values else "-")
+            if key == "knn_acc":
+                reference = best.get(group[0].setting)
+                cells.append(
+                    "best"
+                    if reference == label
+                    else "-"
+                    if reference is None
+                    else difference_cell(group, groups[reference])
+                )
         seeds = sorted({_short(run.value("seed")) for run in group if run.value("seed") is not None})
         rows.append([_fmt(label, None), str(len(group)), ", ".join(seeds) or "-", *cells])
-    return _md_table(["group", "runs", "seeds", *(header for header, _ in GROUP_COLUMNS)], rows)
+    header = [h for h, key in GROUP_COLUMNS for h in ((h, "kNN vs the best") if key == "knn_acc" else (h,))]
+    return _md_table(["group", "runs", "seeds", *header], rows)
 
 
 def budget_line(runs: list[Run]) -> str:
@@ -123,11 +155,27 @@ def _mean_cell(group: list[Run], key: str) -> str:
     return _fmt(_mean(values), 0 if key == "negatives_per_query" else 1) if values else "-"
 
 
+def _interval_cell(group: list[Run], key: str) -> str:
+    values = _values(group, key)
+    if not values:
+        return "-"
+    s = summarize(values)
+    return f"{s.mean:.1f}" if s.half_width is None else f"{s.mean:.1f} ± {s.half_width:.1f}"
+
+
 def _sweep_table(rows: list[tuple[str, list[Run], float]], value_header: str) -> str:
-    figures = ["knn_acc", "knn_acc_1shot", "linear_acc"]
-    header = ["method", value_header, "runs", "kNN", "1-shot kNN", "linear (online)"]
+    """Per point: kNN as mean ± the 95% interval's half-width, and its difference to the series' first point (the
+    smallest value) with that difference's interval."""
+    figures = ["knn_acc_1shot", "linear_acc"]
+    header = ["method", value_header, "runs", "kNN", "kNN vs the smallest", "1-shot kNN", "linear (online)"]
     if value_header != "negatives/query":
         figures.append("negatives_per_query")
         header.append("negatives/query")
-    body = [[name, f"{x:g}", str(len(group)), *(_mean_cell(group, key) for key in figures)] for name, group, x in rows]
+    first: dict[str, list[Run]] = {}
+    body = []
+    for name, group, x in rows:
+        reference = first.setdefault(name, group)
+        versus = "-" if reference is group else difference_cell(group, reference)
+        cells = [_interval_cell(group, "knn_acc"), versus, *(_mean_cell(group, key) for key in figures)]
+        body.append([name, f"{x:g}", str(len(group)), *cells])
     return _md_table(header, body)

@@ -42,7 +42,7 @@ RUNS = {
     "simclr": ["method=simclr"],
     "moco": ["method=moco", "method.queue_size=64"],
     "memory_bank": ["method=memory_bank", "method.loss=nce"],
-    "swav": ["method=swav", "method.num_prototypes=8", "method.queue_size=32"],
+    "swav": ["method=swav", "method.num_prototypes=8", "method.feature_queue_size=32"],  # queue_size when written
     "momentum_bank": ["method=memory_bank", "method.key_encoder=momentum"],
     "momentum_batch": ["method=simclr", "method.key_encoder=momentum"],
 }

@@ -45,7 +45,7 @@ RUNS = {
     "moco": ["method=moco", "method.queue_size=32"],
     "memory_bank": ["method=memory_bank"],
     "memory_bank_nce": ["method=memory_bank", "method.loss=nce"],
-    "swav": ["method=swav", "method.num_prototypes=8", "method.queue_size=32"],
+    "swav": ["method=swav", "method.num_prototypes=8", "method.feature_queue_size=32"],
     "momentum_batch": ["method=simclr", "method.key_encoder=momentum"],
     "momentum_bank": ["method=memory_bank", "method.key_encoder=momentum"],
     "shared_queue": ["method=simclr", "method.negatives=queue", "method.queue_size=32"],

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from contrastive.methods import build_method
 from contrastive.negatives import bank as bank_source
+from contrastive.negatives.base import Step
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "benchmarks" / "bench.py"  # outside the installed package: imported from its folder
@@ -177,6 +178,26 @@ def test_tiny_run_reports_every_contender_consistently(tiny_report):
     assert tiny_report["machine"]["cores"] == os.cpu_count() and tiny_report["date"]
 
 
+def test_tiny_run_reports_flops_and_utilisation(tiny_report):
+    """Every contender's FLOPs per image, achieved FLOP/s and utilisation against the measured peak."""
+    peak = tiny_report["peak"]
+    assert peak["dtype"] == "float32" and peak["flops"]["float32"] > 0 and peak["threads"] == 1
+    results = tiny_report["results"]
+    for name, r in results.items():
+        assert r["step_images"] == tiny_report["settings"]["batch"], name
+        assert r["flops_per_image"] == pytest.approx(r["step_flops"] / r["step_images"], abs=1), name
+        assert sum(r["step_flops_parts"].values()) == r["step_flops"], name
+        assert r["achieved_flops"] == pytest.approx(r["flops_per_image"] * r["images_per_sec"], rel=1e-3), name
+        assert r["peak_flops"] == peak["flops"]["float32"]
+        assert 0 < r["utilisation"] < 1, name
+        assert r["utilisation"] == pytest.approx(r["achieved_flops"] / r["peak_flops"], abs=1e-4), name
+    # the same SimCLR work through the framework and the bare loop (plus the framework's online probe)
+    assert results["simclr"]["flops_per_image"] == pytest.approx(results["bare"]["flops_per_image"], rel=0.05)
+    # SwAV's two small crops add work; the memory bank trains one view, not two
+    assert results["swav"]["flops_per_image"] > results["swav_2crop"]["flops_per_image"]
+    assert results["memory_bank"]["flops_per_image"] < results["simclr"]["flops_per_image"]
+
+
 def test_no_method_step_makes_the_host_wait_for_the_device(tiny_report):
     """The audited step of every method: nothing in the methods or Lightning's per-step logging reads a device
     value back (the remaining sites, if any, are in shared loss and metric functions)."""
@@ -191,29 +212,29 @@ def test_bank_cosines_and_their_gradient_match_a_loop(cfg_factory, monkeypatch, 
     monkeypatch.setattr(bank_source, "DENSE_BANK_RATIO", 32 if dense else 0)
     model = build_method(cfg_factory("method=memory_bank", "method.num_negatives=7"), 40)
     gen = torch.Generator().manual_seed(0)
-    q = F.normalize(torch.randn(5, model.bank.features.shape[1], generator=gen), dim=1).requires_grad_()
+    q = F.normalize(torch.randn(5, model.negatives.bank.features.shape[1], generator=gen), dim=1).requires_grad_()
     neg_index = torch.randint(40, (5, 7), generator=gen)
     bank = model.negatives.bank_for_cosines(7)
     assert (bank is not None) == dense
     cos = model.negatives.bank_cosines(q, bank, neg_index)
     expected = torch.stack(
-        [torch.stack([q[i] @ model.bank.features[j] for j in row]) for i, row in enumerate(neg_index)]
+        [torch.stack([q[i] @ model.negatives.bank.features[j] for j in row]) for i, row in enumerate(neg_index)]
     )
     torch.testing.assert_close(cos, expected)
     weights = torch.randn(5, 7, generator=gen)
     (grad,) = torch.autograd.grad((cos * weights).sum(), q)
-    torch.testing.assert_close(grad, torch.einsum("nk,nkd->nd", weights, model.bank.features[neg_index]))
+    torch.testing.assert_close(grad, torch.einsum("nk,nkd->nd", weights, model.negatives.bank.features[neg_index]))
 
 
 @pytest.mark.parametrize("dense", [True, False])
 def test_bank_loss_backward_survives_the_in_place_bank_update(cfg_factory, monkeypatch, dense):
     monkeypatch.setattr(bank_source, "DENSE_BANK_RATIO", 32 if dense else 0)
     model = build_method(cfg_factory("method=memory_bank", "method.num_negatives=7"), 40)
-    q = torch.randn(6, model.bank.features.shape[1], requires_grad=True)
+    q = torch.randn(6, model.negatives.bank.features.shape[1], requires_grad=True)
     index = torch.arange(6)
-    before = model.bank.features.clone()
-    loss = model.negatives.loss({0: q}, {0: q}, lambda i: i, index, torch.zeros(6, dtype=torch.long), {})
-    assert not torch.equal(model.bank.features[index], before[index])  # the update ran inside the step
+    before = model.negatives.bank.features.clone()
+    loss, _ = model.negatives.loss({0: q}, {0: q}, Step(index, torch.zeros(6, dtype=torch.long), global_step=0, seed=0))
+    assert not torch.equal(model.negatives.bank.features[index], before[index])  # the update ran inside the step
     loss.backward()
     assert q.grad is not None and torch.isfinite(q.grad).all()
 

@@ -9,17 +9,17 @@ import json
 import pytest
 from conftest import build, fit, make_cfg
 
-from contrastive.config import validate
 from contrastive.train import train
+from contrastive.validate import validate
 
 POINTS = ["e2e_32", "e2e_128", "e2e_512", "bank_64", "bank_4096", "moco_64", "moco_4096"]
 
 
 @pytest.mark.parametrize("point", POINTS)
 def test_every_point_of_the_equal_step_sweep_schedules_the_same_steps(point):
-    cfg = make_cfg(["experiment=negatives_sweep_steps", f"+nsweep={point}"], fast=False)
+    cfg = make_cfg(["experiment=negatives_sweep_steps", f"+experiment/nsweep={point}"], fast=False)
     assert (cfg.trainer.max_steps, cfg.trainer.max_epochs) == (1250, -1)
-    equal_epochs = make_cfg(["experiment=negatives_sweep", f"+nsweep={point}"], fast=False)
+    equal_epochs = make_cfg(["experiment=negatives_sweep", f"+experiment/nsweep={point}"], fast=False)
     assert equal_epochs.trainer.max_epochs == 20 and equal_epochs.trainer.max_steps == -1
 
 
@@ -42,12 +42,14 @@ def test_every_point_of_the_studys_figure_3_takes_500_steps_at_equal_steps(point
     """`make study` trains e2e_16 and e2e_256 under experiment=negatives_sweep_cifar10_steps and takes the batch-64
     points from the equal-epoch sweep: both ways, 500 steps."""
     train_images = 8_000  # the CIFAR-10 split: 10,000 x (1 - data.val_fraction)
-    epochs = make_cfg(["experiment=negatives_sweep_cifar10", f"+nsweep_cifar10={point}"], fast=False)
+    epochs = make_cfg(["experiment=negatives_sweep_cifar10", f"+experiment/nsweep_cifar10={point}"], fast=False)
     assert round(10_000 * (1 - epochs.data.val_fraction)) == train_images
     validate(epochs)  # e.g. MoCo's queue a multiple of the batch
     steps_per_epoch = train_images // epochs.data.batch_size
     if point.startswith("e2e") and point != "e2e_64":
-        steps = make_cfg(["experiment=negatives_sweep_cifar10_steps", f"+nsweep_cifar10={point}"], fast=False)
+        steps = make_cfg(
+            ["experiment=negatives_sweep_cifar10_steps", f"+experiment/nsweep_cifar10={point}"], fast=False
+        )
         assert (steps.trainer.max_steps, steps.trainer.max_epochs) == (500, -1)
         assert steps.data.batch_size == epochs.data.batch_size != 64
     else:

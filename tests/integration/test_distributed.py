@@ -51,8 +51,8 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
     "swav": (["method=swav", "method.num_prototypes=8"], []),
     # the SwAV queue is per process: 2 queues of Q hold what one process's queue of 2Q holds
     "swav_queue": (
-        ["method=swav", "method.num_prototypes=8", f"method.queue_size={SWAV_QUEUE}"],
-        [f"method.queue_size={WORLD * SWAV_QUEUE}"],
+        ["method=swav", "method.num_prototypes=8", f"method.feature_queue_size={SWAV_QUEUE}"],
+        [f"method.feature_queue_size={WORLD * SWAV_QUEUE}"],
     ),
 }
 
@@ -87,14 +87,16 @@ def one_step(container: dict, inputs: dict, rank: int = 0, world: int = 1) -> di
     model.eval()  # BN on fixed statistics: see the module docstring
     n = len(inputs["index"]) // world
     local = slice(rank * n, (rank + 1) * n)
-    if isinstance(model, SwAV) and model.queue is not None:
-        size = model.queue.size
-        model.queue.features.copy_(inputs["swav_queue"][:, rank * size : (rank + 1) * size])
-        model.queue.filled.fill_(size)
-        model.queue._host = None
+    if isinstance(model, SwAV) and model.prototypes.queue is not None:
+        size = model.prototypes.queue.size
+        model.prototypes.queue.features.copy_(inputs["swav_queue"][:, rank * size : (rank + 1) * size])
+        model.prototypes.queue.filled.fill_(size)
+        model.prototypes.queue._host = None
     # each rank its own global stream, as in training: the bank's negatives must not depend on it
     torch.manual_seed(STEP_SEED + rank)
-    out = model.contrastive_loss([v[local] for v in inputs["views"]], inputs["index"][local], inputs["labels"][local])
+    out = model.contrastive_loss(
+        [v[local] for v in inputs["views"]], model.step_context(inputs["index"][local], inputs["labels"][local])
+    )
     out.loss.backward()
     loss = out.loss.detach().clone()
     grads = {name: p.grad.clone() for name, p in sorted(model.named_parameters()) if p.grad is not None}
@@ -153,8 +155,8 @@ def bank_fill(container: dict) -> dict[str, torch.Tensor]:
     model = build_method(cfg, dm.num_train)
     fixed_bank_encoder(model)
     model._trainer = SimpleNamespace(datamodule=dm, precision_plugin=Precision())
-    model.negatives.encode_bank()
-    return {"features": model.bank.features.clone(), "written": model.bank.written_at.clone()}
+    model.encode_bank(model.negatives)
+    return {"features": model.negatives.bank.features.clone(), "written": model.negatives.bank.written_at.clone()}
 
 
 def _rank_main(rank: int, store: str, containers: dict, inputs: dict, out: str) -> None:
@@ -239,7 +241,7 @@ def test_features_come_back_in_sample_order(runs, name):
 @pytest.mark.parametrize("name", [n for n in CASES if not n.startswith("swav")])
 def test_banks_and_queues_identical_on_every_rank_and_equal_to_one_process(runs, name):
     single, ranks = runs["single"][name], [r[name] for r in runs["ranks"]]
-    stateful = [k for k in single["buffers"] if k.split(".")[0] in ("bank", "queue", "log_z")]
+    stateful = [k for k in single["buffers"] if k.startswith("negatives.")]
     assert bool(stateful) == (not name.endswith("batch_negatives") and name != "simclr")
     for key, want in single["buffers"].items():
         for r in ranks:

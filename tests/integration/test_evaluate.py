@@ -14,7 +14,7 @@ from conftest import REPO, make_cfg
 
 from contrastive.data.datamodule import ContrastiveDataModule
 from contrastive.evaluate import evaluate_checkpoint, main
-from contrastive.methods import method_class
+from contrastive.methods import METHODS
 from contrastive.train import train
 
 
@@ -67,7 +67,7 @@ def test_eval_override_is_applied(run):
     got = evaluate_checkpoint(ckpt, {"eval": {"knn_k": 1, "shots": [1]}})
     assert "knn_acc_10shot" not in got and "knn_acc_1shot" in got
 
-    model = method_class("moco").load_from_checkpoint(ckpt, map_location="cpu").eval()
+    model = METHODS["moco"].load_from_checkpoint(ckpt, map_location="cpu").eval()
     dm = ContrastiveDataModule(model.cfg.data)
     with torch.no_grad():
         train_loader, val_loader = dm.eval_loaders()

@@ -86,7 +86,7 @@ def test_export_from_the_cli_after_a_real_run(tmp_path):
     )
     ckpt = tmp_path / "checkpoints" / "last.ckpt"
     state = torch.load(ckpt, weights_only=True)["state_dict"]
-    for encoder, prefix in (("query", "backbone."), ("key", "key_backbone.")):
+    for encoder, prefix in (("query", "backbone."), ("key", "key_encoder.backbone.")):
         out = tmp_path / f"{encoder}.pt"
         done = subprocess.run(
             [sys.executable, "-m", "contrastive.export", f"ckpt={ckpt}", f"out={out}", f"encoder={encoder}"],
@@ -145,3 +145,70 @@ def test_damaged_files_are_refused_by_the_one_checkpoint_reader(tmp_path, capsys
     out.write_bytes(data[: len(data) // 2])  # truncated
     with pytest.raises(ExportError, match=r"b\.pt cannot be read as a checkpoint .*truncated"):
         load_backbone(out)
+
+
+def test_export_never_overwrites_its_checkpoint_or_an_existing_file(tmp_path, capsys):
+    """out=ckpt (also through a symbolic link) is refused, an existing out is kept unless overwrite=true, and an
+    out that is a folder gets a message, not a traceback; each is exit 2 with the checkpoint as it was."""
+    ckpt, _, _ = checkpoint_of(tmp_path)
+    before = ckpt.read_bytes()
+    link = tmp_path / "link.ckpt"
+    link.symlink_to(ckpt)
+    for out in (ckpt, link, tmp_path / "." / ckpt.name):
+        assert main([f"ckpt={ckpt}", f"out={out}"]) == 2
+        assert "would overwrite the checkpoint" in capsys.readouterr().err
+        assert main([f"ckpt={ckpt}", f"out={out}", "overwrite=true"]) == 2
+    assert ckpt.read_bytes() == before
+    (tmp_path / "folder").mkdir()
+    assert main([f"ckpt={ckpt}", f"out={tmp_path / 'folder'}"]) == 2
+    assert "is a folder: give a file name" in capsys.readouterr().err
+    out = tmp_path / "b.pt"
+    out.write_bytes(b"someone's file")
+    assert main([f"ckpt={ckpt}", f"out={out}"]) == 2
+    assert f"{out} already exists" in capsys.readouterr().err and out.read_bytes() == b"someone's file"
+    assert main([f"ckpt={ckpt}", f"out={out}", "overwrite=true"]) == 0
+    assert set(load_backbone(out).state_dict()) == set(torch.load(out, weights_only=True))
+    assert main([f"ckpt={ckpt}", f"out={out}", "overwrite=maybe"]) == 2
+    capsys.readouterr()
+    assert main([f"ckpt={ckpt}", f"out={out / 'inside' / 'b.pt'}"]) == 2  # a path through a file
+    assert "cannot write out=" in capsys.readouterr().err
+
+
+def _edited(**changes):
+    """The exported spec with top-level keys (``in_channels``) or backbone keys (``backbone_width``) changed."""
+
+    def edit(spec: dict) -> str:
+        for key, value in changes.items():
+            where, key = (spec["backbone"], key[len("backbone_") :]) if key.startswith("backbone_") else (spec, key)
+            if value is None:
+                del where[key]
+            else:
+                where[key] = value
+        return json.dumps(spec)
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    "edit, fragment",
+    [
+        (lambda spec: "{not json", "is not valid JSON"),
+        (lambda spec: "", "is not valid JSON"),
+        (lambda spec: "[1, 2]", "holds a JSON list"),
+        (_edited(backbone=None), "has no 'backbone' key"),
+        (_edited(in_channels="one"), "'in_channels' is 'one', expected a JSON integer"),
+        (_edited(backbone_width="8"), "'backbone.width' is '8', expected a JSON integer"),
+        (_edited(backbone_name=3), "'backbone.name' is 3"),
+        (_edited(backbone_depth=None), "has no 'backbone.depth' key"),
+        (_edited(backbone_width=16), "does not fit the module"),
+    ],
+    ids=["junk", "empty", "list", "no_backbone", "str_channels", "str_width", "int_name", "no_depth", "width"],
+)
+def test_damaged_spec_is_an_export_error_naming_file_and_key(tmp_path, edit, fragment):
+    ckpt, _, _ = checkpoint_of(tmp_path)
+    out = export_backbone(ckpt, tmp_path / "b.pt")
+    spec = out.with_name("b.pt.json")
+    spec.write_text(edit(json.loads(spec.read_text())))
+    with pytest.raises(ExportError, match=r"b\.pt") as caught:
+        load_backbone(out)
+    assert fragment in str(caught.value)

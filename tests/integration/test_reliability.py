@@ -21,9 +21,8 @@ from conftest import REPO, TINY, collapse_projector, make_cfg
 from torch import nn
 
 from contrastive.checkpoints import read_checkpoint
-from contrastive.config import ConfigError
 from contrastive.data.datasets import DataError, ImageFolderDataset, read_idx
-from contrastive.errors import TrainingDiverged
+from contrastive.errors import ConfigError, TrainingDiverged
 from contrastive.evaluate import main as evaluate_main
 from contrastive.methods.base import ContrastiveMethod
 from contrastive.train import train
@@ -263,7 +262,7 @@ def test_sigterm_stops_with_a_message_and_a_non_zero_code(tmp_path):
 
 # -- 8: values checked, internal schemas hidden, `+` refused -------------------------------------------------------
 def test_misspelt_key_added_with_plus_is_refused(tmp_path):
-    from contrastive.config import validate
+    from contrastive.validate import validate
 
     cfg = make_cfg(["+method.temprature=0.1"], tmp_path=tmp_path)
     with pytest.raises(
@@ -443,3 +442,61 @@ def test_unwritable_checkpoint_folder_fails_before_training(tmp_path, monkeypatc
     with pytest.raises(ConfigError, match=r"cannot write checkpoints into"):
         run(out, "trainer.max_epochs=1")
     assert steps == []
+
+
+# -- round three (issue 31) ----------------------------------------------------------------------------------------
+# a run (the command line's) that pauses at its first training step until the file `go` beside its folder appears
+PAUSED_RUN = """
+import sys, time
+from pathlib import Path
+from contrastive.errors import run_cli
+from contrastive.methods.base import ContrastiveMethod
+from contrastive.train import main
+
+where, step = Path(sys.argv[1]), ContrastiveMethod.training_step
+def paused(self, batch, batch_idx):
+    (where / "training").touch()
+    deadline = time.time() + 120
+    while not (where / "go").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    return step(self, batch, batch_idx)
+ContrastiveMethod.training_step = paused
+sys.argv = ["contrastive.train", *sys.argv[2:]]
+run_cli(main)
+"""
+
+
+def test_second_live_run_into_a_folder_is_refused(tmp_path):
+    """Issue 31, 5: a run started into the folder of a run still in its first epoch (no checkpoint yet) is refused
+    with exit 2 naming the first run's pid; the first run is left to finish."""
+    out = tmp_path / "run"
+    args = [*CLI_FAST, "trainer.max_epochs=1", f"hydra.run.dir={out}"]
+    first = subprocess.Popen(
+        [sys.executable, "-c", PAUSED_RUN, str(tmp_path), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env=cli_env(),
+    )
+    try:
+        deadline = time.time() + 240
+        while not (tmp_path / "training").exists() and time.time() < deadline and first.poll() is None:
+            time.sleep(0.2)
+        assert (tmp_path / "training").exists(), first.communicate()[1][-3000:]
+        second = subprocess.run(
+            [sys.executable, "-m", "contrastive.train", *args],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=REPO,
+            env=cli_env(),
+        )
+    finally:
+        (tmp_path / "go").touch()
+        _, err = first.communicate(timeout=300)
+    assert second.returncode == 2, second.stderr[-3000:]
+    assert f"error: the run folder {out} is in use by another run (pid {first.pid} on " in second.stderr
+    assert first.returncode == 0, err[-3000:]
+    assert json.loads((out / "metrics.json").read_text())["global_steps"] == STEPS
+    assert not (out / ".run.lock").exists()

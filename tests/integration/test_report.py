@@ -15,6 +15,8 @@ from matplotlib.image import imread
 from contrastive.report import (
     FAILS,
     HOLDS,
+    TOO_FEW,
+    UNDECIDED,
     UNMEASURED,
     NoRunsError,
     Run,
@@ -226,8 +228,9 @@ def test_sweep_key_detected_with_config_and_hydra_fallbacks(sweep_dir: Path) -> 
 
     markdown = build_report(sweep_dir).path.read_text()
     section = markdown.split("### `method.queue_size`", 1)[1].split("##", 1)[0]
-    assert "| moco | 256 | 1 | 70.0 | 35.0 | 71.2 | 256 |" in section
-    assert "| moco | 4096 | 1 | 75.0 | 37.5 | 76.2 | 4,096 |" in section
+    # kNN, then its difference to the sweep's first point (one run each: no interval)
+    assert "| moco | 256 | 1 | 70.0 | - | 35.0 | 71.2 | 256 |" in section
+    assert "| moco | 4096 | 1 | 75.0 | +5.0 (n=1) | 37.5 | 76.2 | 4,096 |" in section
 
 
 def seeded(runs: list[Run], jitter: tuple[float, ...] = (-0.2, 0.0, 0.2)) -> list[Run]:
@@ -245,18 +248,22 @@ def seeded(runs: list[Run], jitter: tuple[float, ...] = (-0.2, 0.0, 0.2)) -> lis
 
 
 def test_single_runs_give_no_verdict_between_accuracies(sweep_dir: Path) -> None:
-    """One run per configuration: no interval, so comparisons of accuracies are 'within noise', never decided."""
-    verdicts = claim_verdicts(build_report(sweep_dir).path.read_text())
-    assert verdicts == {
+    """One run per configuration: no interval, so comparisons of figures are 'not enough runs', never decided; only
+    the count of negatives (c) needs no repeats."""
+    markdown = build_report(sweep_dir).path.read_text()
+    few = f"{TOO_FEW} (n=1 in a group: no interval without repeats)"
+    assert claim_verdicts(markdown) == {
         "a": UNMEASURED,
-        "b": "within noise (n=3/1)",
+        "b": few,
         "c": HOLDS,
-        "d": "within noise (n=1/1)",
-        "e": "within noise (n=1/1)",
-        "f": "within noise (n=1/1)",
-        "g": HOLDS,
+        "d": few,
+        "e": few,
+        "f": few,
+        "g": few,  # one run of each method: a gain over initialisation is not a test
         "h": UNMEASURED,
     }
+    assert "within noise" not in markdown
+    assert "MoCo - memory bank +5.00: not enough runs (n=1/1; no interval without repeats)" in markdown
 
 
 def test_claim_verdicts_follow_seeded_groups(sweep_dir: Path) -> None:
@@ -277,11 +284,24 @@ def test_claim_verdicts_follow_seeded_groups(sweep_dir: Path) -> None:
     assert "MoCo 75.0 ± 0.5 (n=3) vs memory bank 70.0 ± 0.5 (n=3)" in claim_e.evidence  # t(0.975, 2) 4.303 x 0.2/sqrt 3
 
 
-def test_noisy_seeds_are_within_noise(sweep_dir: Path) -> None:
-    """A spread of 3 points per group: MoCo's 5-point lead over the bank (Welch p 0.11) is not a verdict."""
-    verdicts = {claim.letter: claim.verdict for claim in survey_claims(seeded(load_runs(sweep_dir), (-3, 0, 3)))}
-    assert verdicts["e"] == "within noise (n=3/3)"
-    assert verdicts["f"] == FAILS  # SwAV 60 + 5 against SimCLR's 80 stays beyond that noise
+def test_noisy_seeds(sweep_dir: Path) -> None:
+    """Seeds that move every method alike (3 points up or down at the same seed) cancel in the paired test: MoCo's
+    5-point lead over the bank is decided. Seeds that move the bank the other way leave it undecided, with the seeds
+    that would decide it."""
+    alike = seeded(load_runs(sweep_dir), (-3, 0, 3))
+    verdicts = {claim.letter: claim.verdict for claim in survey_claims(alike)}
+    assert verdicts["e"] == HOLDS and verdicts["f"] == FAILS
+    assert "paired t over 3 seeds" in survey_claims(alike)[4].evidence
+    apart = seeded(load_runs(sweep_dir), (-3, 0, 3))
+    for run in apart:
+        if run.method == "memory_bank":  # per seed MoCo - bank: 5 - 6, 5, 5 + 6
+            run.metrics["knn_acc"] -= 2 * (run.metrics["knn_acc"] - 70.0)
+    claims = survey_claims(apart)
+    assert (
+        claims[4].verdict.startswith(f"{UNDECIDED}: about ") and "seeds per group would decide it" in claims[4].verdict
+    )
+    assert "the interval includes 0" in claims[4].evidence
+    assert claims[5].verdict == FAILS  # SwAV 60 + 5 against SimCLR's 80 stays beyond that noise
 
 
 def test_flipped_numbers_flip_the_verdicts(sweep_dir: Path) -> None:
@@ -383,12 +403,20 @@ def test_plots_show_the_seed_spread(tmp_path: Path, monkeypatch) -> None:
     assert (50.0, 77.0) in [(round(lo, 6), round(hi, 6)) for lo, hi in extents]  # moco: 70 - 20 up to 77
 
     (ax,) = figures["sweep_method.num_negatives.png"].axes
-    (line,) = ax.get_lines()
+    line = next(line for line in ax.get_lines() if line.get_label() == "memory_bank")
     assert list(line.get_xdata()) == [64, 1024] and list(line.get_ydata()) == pytest.approx([68.0, 73.0])
-    (dots,) = ax.collections
+    dots = next(c for c in ax.collections if len(c.get_offsets()) == 6)
     assert sorted(map(tuple, dots.get_offsets().tolist())) == sorted(
         (k, knn + shift) for k, shift in ((64, -5.0), (1024, 0.0)) for knn in (70.0, 72.0, 77.0)
     )
+    # a bar per point: the 95% interval of its mean, t(0.975, 2) x SD / sqrt(3) with SD sqrt(13) (70, 72, 77)
+    (bars,) = [c for c in ax.collections if c not in (dots,) and hasattr(c, "get_segments")]
+    half = 4.302652729911275 * 13**0.5 / 3**0.5
+    ends = sorted((seg[0][0], min(seg[:, 1]), max(seg[:, 1])) for seg in bars.get_segments())
+    assert ends == [
+        (64, pytest.approx(68.0 - half), pytest.approx(68.0 + half)),
+        (1024, pytest.approx(73.0 - half), pytest.approx(73.0 + half)),
+    ]
 
 
 def test_negatives_sweep_when_two_methods_vary_k(sweep_dir: Path) -> None:
@@ -404,7 +432,7 @@ def test_negatives_sweep_when_two_methods_vary_k(sweep_dir: Path) -> None:
     section = markdown.split("### Negatives per query", 1)[1].split("##", 1)[0]
     assert "| simclr (batch) | 510 | 1 | 82.0 |" in section
     assert "| memory_bank (bank) | 4096 | 1 | 70.0 |" in section
-    assert claim_verdicts(markdown)["a"] == "within noise (n=1/1)"  # 82.0 at 256 vs 80.0 at 128, one run each
+    assert claim_verdicts(markdown)["a"].startswith(TOO_FEW)  # 82.0 at 256 vs 80.0 at 128, one run each
 
 
 def test_several_folders_compare_together(tmp_path: Path, capsys) -> None:
@@ -524,3 +552,37 @@ def test_build_report_returns_what_it_wrote(sweep_dir: Path) -> None:
         "swav",
         "byol",
     }
+
+
+def test_margins_from_the_cli_decide_equivalence(tmp_path: Path, capsys) -> None:
+    """MoCo 0.4 to 0.6 points above the bank at every seed: equivalent within the default margin of 1 point, so MoCo
+    is "at least as accurate"; with `--margin knn=0.2` no longer equivalent (and the margin printed); a margin the
+    report does not know, or not a positive number, is refused (exit 2)."""
+    root = tmp_path / "close"
+    for seed, (moco, bank) in enumerate([(70.5, 70.0), (72.6, 72.0), (68.4, 68.0)]):
+        write_run(root, f"moco_{seed}", instance_run("moco", "queue", moco, 4096, 0.9), ["method=moco", f"seed={seed}"])
+        write_run(
+            root,
+            f"bank_{seed}",
+            instance_run("memory_bank", "bank", bank, 4096, 0.6),
+            ["method=memory_bank", f"seed={seed}"],
+        )
+    markdown = build_report(root).path.read_text()
+    assert "Equivalence margins (`--margin NAME=VALUE`): knn ±1" in markdown
+    line = next(line for line in markdown.splitlines() if line.startswith("**e)"))
+    assert "Verdict: **holds**" in line and "paired t over 3 seeds" in line
+    assert "MoCo and memory bank equivalent within ±1 (MoCo - memory bank +0.50 [+0.25, +0.75])" in line
+    # groups table: the bank's kNN minus the best group's (MoCo), with its paired interval
+    groups = markdown.split("## Groups", 1)[1].split("## Plots", 1)[0]
+    assert "| kNN | kNN vs the best |" in groups and "| best |" in groups and "(paired) |" in groups
+    assert main([str(root), "--margin", "knn=0.2"]) == 0
+    markdown = (root / "comparison.md").read_text()
+    assert "knn ±0.2" in markdown and "equivalence ±0.2" in markdown
+    line = next(line for line in markdown.splitlines() if line.startswith("**e)"))
+    assert "Verdict: **undecided: about 4 seeds per group would decide it**" in line
+    assert "not shown equivalent within ±0.2" in line
+    for bad in ("accuracy=1", "knn=-1", "knn=abc"):
+        with pytest.raises(SystemExit) as stop:
+            main([str(root), "--margin", bad])
+        assert stop.value.code == 2
+    assert "--margin" in capsys.readouterr().err

@@ -20,7 +20,7 @@ from conftest import REPO, make_cfg
 
 from contrastive.callbacks import RNGState, rng_state, set_rng_state
 from contrastive.checkpoints import find_resume_checkpoint
-from contrastive.config import ConfigError
+from contrastive.errors import ConfigError
 from contrastive.methods.base import ContrastiveMethod
 from contrastive.train import train
 
@@ -42,7 +42,7 @@ METHODS = {
     "memory_bank": [],
     "moco": ["method.queue_size=32"],
     # a queue that fills after two steps, so the resumed run continues with a full, active queue
-    "swav": ["method.num_prototypes=8", "method.queue_size=32"],
+    "swav": ["method.num_prototypes=8", "method.feature_queue_size=32"],
 }
 
 
@@ -181,6 +181,34 @@ def test_find_resume_checkpoint_takes_the_newest_of_the_method(tmp_path):
         "starting a fresh run"
     )
     assert find_resume_checkpoint(tmp_path / "absent", "moco")[0] is None
+
+
+@pytest.mark.parametrize("finished", [False, True], ids=["interrupted", "finished"])
+def test_resume_auto_with_another_method_is_refused_and_keeps_the_run(tmp_path, finished):
+    """An interrupted (or finished) MoCo run folder is never trained over by resume=auto with method=simclr: refused
+    before any work, naming the folder and both methods, and not advising the resume=auto it was given."""
+    (tmp_path / "checkpoints").mkdir()
+    ckpt = fake_checkpoint(tmp_path / "checkpoints" / "last.ckpt", "moco", 1000)
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "metrics.csv").write_text("epoch,train/loss_epoch\n0,1.0\n")
+    if finished:
+        (tmp_path / "metrics.json").write_text('{"method": "moco"}')
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    cfg = make_cfg(["method=simclr", *TINY, "resume=auto"], tmp_path=tmp_path)
+    with pytest.raises(ConfigError) as caught:
+        train(cfg)
+    message = str(caught.value)
+    assert str(tmp_path) in message and "method=moco" in message and "method=simclr" in message
+    assert "continue it with resume=auto" not in message
+    assert before == {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert ckpt.is_file()
+
+
+def test_resume_auto_on_a_finished_summary_without_checkpoint_gives_no_resume_advice(tmp_path):
+    (tmp_path / "metrics.json").write_text('{"method": "simclr"}')
+    with pytest.raises(ConfigError, match="already holds a finished run") as caught:
+        train(make_cfg(["method=simclr", *TINY, "resume=auto"], tmp_path=tmp_path))
+    assert "resume=auto" not in str(caught.value)
 
 
 def test_checkpoint_of_another_shape_is_refused(tmp_path, uninterrupted):

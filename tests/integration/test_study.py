@@ -10,7 +10,7 @@ import subprocess
 
 from conftest import REPO, make_cfg
 
-from contrastive.config import validate
+from contrastive.validate import validate
 
 
 def study_commands() -> list[list[str]]:
@@ -46,8 +46,8 @@ def test_every_study_command_composes_and_validates():
     assert cifar.data.name == "npz"
     # Figure 3 on the same split, each mechanism with the comparison's settings for it
     for point, method in (("e2e_64", "simclr"), ("bank_512", "memory_bank"), ("moco_4096", "moco")):
-        fig3 = make_cfg(["experiment=negatives_sweep_cifar10", f"+nsweep_cifar10={point}"], fast=False)
-        compared = make_cfg(["experiment=compare_cifar10_cpu", f"+cifar10_cpu={method}"], fast=False)
+        fig3 = make_cfg(["experiment=negatives_sweep_cifar10", f"+experiment/nsweep_cifar10={point}"], fast=False)
+        compared = make_cfg(["experiment=compare_cifar10_cpu", f"method={method}"], fast=False)
         assert fig3.data == {**compared.data, "batch_size": 64}, point
         assert fig3.augment == compared.augment and fig3.backbone == compared.backbone
         assert fig3.method.name == method and fig3.optim.lr == compared.optim.lr

@@ -26,8 +26,9 @@ from hydra.utils import instantiate
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 
-from contrastive.config import ConfigError, validate
+from contrastive.errors import ConfigError
 from contrastive.launch import SpawnDDPStrategy, build_plugins, build_strategy, check_ddp_launch, world_size
+from contrastive.validate import validate
 
 FAST_CLI = [
     "data=synthetic",
@@ -312,6 +313,60 @@ def test_imagenet_presets(name, monkeypatch):
     if name == "imagenet_memory_bank":
         assert (m.loss, m.temperature, m.num_negatives, m.proj_layers) == ("nce", 0.07, 4096, 1)
     assert OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+
+
+# -- the comparisons: every preset of conf/method, listed nowhere else ---------------------------------------------
+def sweep_jobs(conf_dir: str, experiment: str) -> list[list[str]]:
+    """The override list of each job of ``-m experiment=<experiment>``, as Hydra's basic sweeper expands them."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    with initialize_config_dir(conf_dir, version_base="1.3"):
+        cfg = compose("config", overrides=[f"experiment={experiment}"], return_hydra_config=True)
+        params = [f"{k}={v}" for k, v in cfg.hydra.sweeper.get("params", {}).items()]
+        parser = OverridesParser.create(config_loader=GlobalHydra.instance().hydra.config_loader)
+        return BasicSweeper.split_arguments(parser.parse_overrides(params), None)[0]
+
+
+COMPARISONS = sorted(p.stem for p in (Path(CONF_DIR) / "experiment").glob("compare_*.yaml"))
+
+
+@pytest.mark.parametrize("experiment", COMPARISONS)
+def test_comparisons_sweep_every_method_preset(experiment):
+    presets = sorted(p.stem for p in (Path(CONF_DIR) / "method").glob("*.yaml"))
+    assert presets == ["memory_bank", "moco", "simclr", "swav"]
+    assert sweep_jobs(CONF_DIR, experiment) == [[f"method={m}"] for m in presets]
+
+
+def test_a_new_method_preset_joins_every_comparison(tmp_path):
+    """A fifth preset in conf/method (here a copy of SimCLR's under another name) is a job of every comparison and
+    composes there without settings of its own (each benchmark's per-method file is optional)."""
+    import shutil
+
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF_DIR, conf)
+    preset = (conf / "method" / "simclr.yaml").read_text().replace("name: simclr", "name: toy")
+    (conf / "method" / "toy.yaml").write_text(preset)
+    for experiment in COMPARISONS:
+        assert ["method=toy"] in sweep_jobs(str(conf), experiment), experiment
+        with initialize_config_dir(str(conf), version_base="1.3"):
+            toy = compose("config", overrides=[f"experiment={experiment}", "method=toy"])
+            simclr = compose("config", overrides=[f"experiment={experiment}", "method=simclr"])
+        assert toy.method.name == "toy" and toy.data == simclr.data and toy.trainer == simclr.trainer, experiment
+
+
+def test_benchmark_settings_are_the_chosen_methods():
+    """experiment/<base>/<method>.yaml applies to that method under the experiments that choose that base."""
+    moco = make_cfg(["experiment=compare_cifar10_cpu", "method=moco"], fast=False)
+    assert moco.method.symmetric  # experiment/cifar10_cpu/moco.yaml
+    assert not make_cfg(["experiment=compare_digits", "method=moco"], fast=False).method.symmetric  # the preset
+    swav = make_cfg(["experiment=compare_cifar10", "method=swav"], fast=False)
+    assert (swav.method.num_prototypes, swav.method.num_small_views) == (512, 0)
+    point = make_cfg(["experiment=negatives_sweep_cifar10", "+experiment/nsweep_cifar10=bank_64"], fast=False)
+    bank = make_cfg(["experiment=compare_cifar10_cpu", "method=memory_bank"], fast=False)
+    assert point.method.name == "memory_bank" and point.method.num_negatives == 64
+    assert (point.method.temperature, point.optim.lr) == (bank.method.temperature, bank.optim.lr) == (0.2, 0.015)
 
 
 if __name__ == "__main__":

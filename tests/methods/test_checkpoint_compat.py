@@ -29,7 +29,7 @@ def data_script(name: str):
 _writer = data_script("make_checkpoints_v1")
 RUNS, TINY = _writer.RUNS, _writer.TINY
 
-# the names the old code gave the state of each component: a rename would need a converter
+# the names the old code gave the state of each component; loading renames them (``legacy_names`` of the method)
 EXPECTED = {
     "simclr": set(),
     "moco": {"momentum", "queue.keys", "queue.index", "queue.written_at", "queue.ptr"},
@@ -50,16 +50,16 @@ def test_old_checkpoint_loads_with_the_same_names_and_values(name):
     model = build_method(OmegaConf.create(saved["hyper_parameters"]["cfg"]), saved["hyper_parameters"]["num_train"])
     model.load_state_dict(state, strict=True)
     model.on_load_checkpoint(saved)
-    own = model.state_dict()
-    assert own.keys() == state.keys()
-    for key, value in state.items():
+    own, renamed = model.state_dict(), type(model).upgrade_state_dict(state)
+    assert own.keys() == renamed.keys() and len(renamed) == len(state)
+    for key, value in renamed.items():
         assert own[key].dtype == value.dtype and torch.equal(own[key], value), key
     if "drift_probe" in saved:  # the dictionary's drift snapshots came back to its source of negatives
         assert torch.equal(model.negatives.drift.steps, saved["drift_probe"]["steps"])
     if name == "moco":  # the queue's host pointer is read from the loaded buffer, not kept from the fresh one
-        assert model.queue._state()[0] == int(state["queue.ptr"]) != 0
+        assert model.negatives.queue._state()[0] == int(state["queue.ptr"]) != 0
     if name == "memory_bank":
-        assert model.negatives.log_z_fixed is None and torch.isfinite(model.log_z)
+        assert model.negatives.log_z_fixed is None and torch.isfinite(model.negatives.log_z)
 
 
 @pytest.mark.parametrize("name", list(RUNS))
@@ -69,20 +69,16 @@ def test_old_checkpoint_resumes_training(name, tmp_path):
     train(make_cfg([*TINY, *RUNS[name], "trainer.max_epochs=2", f"ckpt_path={path}"], fast=False, tmp_path=tmp_path))
     after = read_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
     assert after["global_step"] == before["global_step"] + 2
-    assert after["state_dict"].keys() == before["state_dict"].keys()
-    moved = [
-        k
-        for k, v in before["state_dict"].items()
-        if v.is_floating_point() and not torch.equal(v, after["state_dict"][k])
-    ]
+    old = build_method(OmegaConf.create(before["hyper_parameters"]["cfg"]), 1).upgrade_state_dict(before["state_dict"])
+    assert after["state_dict"].keys() == old.keys()  # saved under today's names
+    moved = [k for k, v in old.items() if v.is_floating_point() and not torch.equal(v, after["state_dict"][k])]
     assert any(k.startswith("backbone.") for k in moved)  # it trained from the loaded weights on
-    if name in ("moco", "swav"):  # the ring went on from the saved pointer
-        size = before["state_dict"]["queue.keys" if name == "moco" else "queue.features"].shape[
-            0 if name == "moco" else 1
-        ]
-        assert int(after["state_dict"]["queue.ptr"]) == (int(before["state_dict"]["queue.ptr"]) + 2 * 16) % size
+    ring = {"moco": "negatives.queue.", "swav": "prototypes.queue."}.get(name)
+    if ring:  # the ring went on from the saved pointer
+        size = old[ring + ("keys" if name == "moco" else "features")].shape[0 if name == "moco" else 1]
+        assert int(after["state_dict"][ring + "ptr"]) == (int(old[ring + "ptr"]) + 2 * 16) % size
     if name in ("memory_bank", "momentum_bank"):
-        assert int(after["state_dict"]["bank.written_at"].max()) == before["global_step"] + 1
+        assert int(after["state_dict"]["negatives.bank.written_at"].max()) == before["global_step"] + 1
 
 
 @pytest.mark.slow

@@ -19,11 +19,11 @@ import torch.nn.functional as F
 import yaml
 from conftest import CONF_DIR, REPO, make_cfg
 
-from contrastive.config import validate, validate_with_data
 from contrastive.data.datamodule import ContrastiveDataModule
 from contrastive.distributed import step_generator
 from contrastive.methods import build_method
 from contrastive.train import train
+from contrastive.validate import validate, validate_with_data
 
 BATCH, QUEUE, BANK_K = 16, 64, 20
 TINY = [
@@ -72,29 +72,29 @@ def test_cell_loss_and_dictionary_update(cell):
     torch.manual_seed(0)
     model = build_method(cfg, num_train=100).eval()
     assert (model.cfg.method.key_encoder, model.cfg.method.negatives) == cell
-    assert hasattr(model, "key_backbone") == (key_encoder == "momentum")
+    assert (model.key_encoder is not None) == (key_encoder == "momentum")
     if key_encoder == "momentum":  # a key encoder that differs from the query encoder, as after some training
         with torch.no_grad():
-            for p in [*model.key_backbone.parameters(), *model.key_projector.parameters()]:
+            for p in [*model.key_encoder.backbone.parameters(), *model.key_encoder.projector.parameters()]:
                 p.add_(0.05 * torch.randn_like(p))
     n, t = 8, cfg.method.temperature
     x1, x2 = (torch.randn(n, 1, 16, 16, requires_grad=True) for _ in range(2))
     index = torch.tensor([3, 14, 15, 92, 65, 35, 89, 79])
     labels = torch.zeros(n, dtype=torch.long)
     if negatives == "queue":  # fill half the queue, so that entries written now and before are both seen
-        model.queue.enqueue(torch.randn(QUEUE // 2, cfg.method.proj_out_dim), torch.arange(QUEUE // 2), 0)
-        queue_before, ptr = model.queue.keys.clone(), int(model.queue.ptr)
+        model.negatives.queue.enqueue(torch.randn(QUEUE // 2, cfg.method.proj_out_dim), torch.arange(QUEUE // 2), 0)
+        queue_before, ptr = model.negatives.queue.keys.clone(), int(model.negatives.queue.ptr)
     if negatives == "bank":
-        bank_before = model.bank.features.clone()
+        bank_before = model.negatives.bank.features.clone()
 
     torch.manual_seed(1)
-    loss = model.contrastive_loss([x1, x2], index, labels).loss
+    loss = model.contrastive_loss([x1, x2], model.step_context(index, labels)).loss
     loss.backward()
 
     with torch.no_grad():
         q1, q2 = (model.projector(model.backbone(x)) for x in (x1, x2))
         key_net = (
-            (lambda x: model.key_projector(model.key_backbone(x)))
+            (lambda x: model.key_encoder.projector(model.key_encoder.backbone(x)))
             if key_encoder == "momentum"
             else (lambda x: model.projector(model.backbone(x)))
         )
@@ -113,7 +113,7 @@ def test_cell_loss_and_dictionary_update(cell):
     elif negatives == "queue":  # the queue as it was before this batch, whole
         expected = loop_info_nce(q1, k2, [queue_before] * n, t)
     else:  # K bank entries per query, drawn uniformly, never the sample's own
-        drawn = model.bank.sample_indices(index, BANK_K, step_generator(model.cfg.seed, 0, "cpu"))
+        drawn = model.negatives.bank.sample_indices(index, BANK_K, step_generator(model.cfg.seed, 0, "cpu"))
         assert not (drawn == index[:, None]).any()
         expected = loop_info_nce(q1, k2, [bank_before[row] for row in drawn], t)
     assert math.isfinite(loss.item())
@@ -124,22 +124,22 @@ def test_cell_loss_and_dictionary_update(cell):
     view2_has_grad = x2.grad is not None and bool(x2.grad.abs().sum() > 0)
     assert view2_has_grad == (key_encoder == "shared" or negatives == "batch")
     if key_encoder == "momentum":
-        assert all(p.grad is None for p in model.key_backbone.parameters())
+        assert all(p.grad is None for p in model.key_encoder.backbone.parameters())
 
     if negatives == "queue":  # the new keys (view 2) replace the oldest entries; the rest are untouched
         written = slice(ptr, ptr + n)
-        assert torch.allclose(model.queue.keys[written], F.normalize(k2, dim=1), atol=1e-6)
+        assert torch.allclose(model.negatives.queue.keys[written], F.normalize(k2, dim=1), atol=1e-6)
         rest = torch.ones(QUEUE, dtype=torch.bool)
         rest[written] = False
-        assert torch.equal(model.queue.keys[rest], queue_before[rest])
-        assert torch.equal(model.queue.index[written], index) and int(model.queue.ptr) == ptr + n
+        assert torch.equal(model.negatives.queue.keys[rest], queue_before[rest])
+        assert torch.equal(model.negatives.queue.index[written], index) and int(model.negatives.queue.ptr) == ptr + n
     if negatives == "bank":  # v <- normalize(m v + (1 - m) normalize(f)), f the first view's key
         m = cfg.method.bank_momentum
         mixed = F.normalize(m * bank_before[index] + (1 - m) * F.normalize(k1, dim=1), dim=1)
-        assert torch.allclose(model.bank.features[index], mixed, atol=1e-6)
+        assert torch.allclose(model.negatives.bank.features[index], mixed, atol=1e-6)
         others = torch.ones(100, dtype=torch.bool)
         others[index] = False
-        assert torch.equal(model.bank.features[others], bank_before[others])
+        assert torch.equal(model.negatives.bank.features[others], bank_before[others])
 
 
 @pytest.mark.parametrize("cell", list(CELLS), ids=lambda c: "+".join(c))
@@ -163,18 +163,18 @@ def test_cell_trains(cell, cfg_factory, tmp_path):
     )
 
     state = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
-    assert any(k.startswith("key_backbone.") for k in state) == (key_encoder == "momentum")
-    assert ("bank.features" in state) == (negatives == "bank")
-    assert ("queue.keys" in state) == (negatives == "queue")
+    assert any(k.startswith("key_encoder.backbone.") for k in state) == (key_encoder == "momentum")
+    assert ("negatives.bank.features" in state) == (negatives == "bank")
+    assert ("negatives.queue.keys" in state) == (negatives == "queue")
     steps = summary["global_steps"]
     assert steps == 3
     if negatives == "bank":
         # the encoder start wrote every entry at step 0; each later step its batch's, distinct within the epoch
-        assert int((state["bank.written_at"] >= 0).sum()) == 102
-        assert int((state["bank.written_at"] >= 1).sum()) == (steps - 1) * BATCH
+        assert int((state["negatives.bank.written_at"] >= 0).sum()) == 102
+        assert int((state["negatives.bank.written_at"] >= 1).sum()) == (steps - 1) * BATCH
     if negatives == "queue":
-        assert int(state["queue.ptr"]) == steps * BATCH % QUEUE
-        assert int((state["queue.index"] >= 0).sum()) == min(steps * BATCH, QUEUE)
+        assert int(state["negatives.queue.ptr"]) == steps * BATCH % QUEUE
+        assert int((state["negatives.queue.index"] >= 0).sum()) == min(steps * BATCH, QUEUE)
 
 
 def test_cli_momentum_encoder_with_memory_bank(tmp_path):
@@ -215,7 +215,7 @@ class EncoderRecorder(L.Callback):
         self.snapshots: list[tuple[list[torch.Tensor], ...]] = []
 
     def _record(self, module) -> None:
-        query, key = (module.backbone, module.projector), (module.key_backbone, module.key_projector)
+        query, key = (module.backbone, module.projector), (module.key_encoder.backbone, module.key_encoder.projector)
         self.snapshots.append(
             (
                 tensors(query, "parameters"),
@@ -293,14 +293,14 @@ def test_readme_names_the_overrides_tested_here():
 
 
 def test_negatives_sweep_runs_exactly_the_intended_grid():
-    """experiment=negatives_sweep sweeps the `nsweep` bundles: every file once, each a valid run on the MNIST test
-    split with the same backbone and epochs, at the K of the MoCo paper's Figure 3 for its mechanism."""
+    """experiment=negatives_sweep sweeps the `experiment/nsweep` bundles: every file once, each a valid run on the
+    MNIST test split with the same backbone and epochs, at the K of the MoCo paper's Figure 3 for its mechanism."""
     experiment = yaml.safe_load((Path(CONF_DIR) / "experiment" / "negatives_sweep.yaml").read_text())
-    options = experiment["hydra"]["sweeper"]["params"]["+nsweep"].split(",")
-    assert sorted(options) == sorted(p.stem for p in (Path(CONF_DIR) / "nsweep").glob("*.yaml"))
+    options = experiment["hydra"]["sweeper"]["params"]["+experiment/nsweep"].split(",")
+    assert sorted(options) == sorted(p.stem for p in (Path(CONF_DIR) / "experiment" / "nsweep").glob("*.yaml"))
     negatives: dict[str, list[int]] = {}
     for option in options:
-        cfg = make_cfg(["experiment=negatives_sweep", f"+nsweep={option}"], fast=False)
+        cfg = make_cfg(["experiment=negatives_sweep", f"+experiment/nsweep={option}"], fast=False)
         validate(cfg)
         validate_with_data(cfg, num_train=8000)
         assert (cfg.data.name, cfg.data.subset, cfg.backbone.name) == ("mnist", "test_split", "small_cnn")
@@ -314,11 +314,12 @@ def test_negatives_sweep_runs_exactly_the_intended_grid():
 
 
 def test_compare_mnist_runs_the_four_methods_on_one_backbone_and_budget():
-    """experiment=compare_mnist sweeps the four methods once each, on the same data, backbone, batch, epochs and
-    optimiser."""
+    """experiment=compare_mnist sweeps every method preset (the four) once each, on the same data, backbone, batch,
+    epochs and optimiser."""
     experiment = yaml.safe_load((Path(CONF_DIR) / "experiment" / "compare_mnist.yaml").read_text())
-    options = experiment["hydra"]["sweeper"]["params"]["method"].split(",")
-    assert sorted(options) == ["memory_bank", "moco", "simclr", "swav"]
+    assert experiment["hydra"]["sweeper"]["params"]["method"] == "glob(*)"
+    options = sorted(p.stem for p in (Path(CONF_DIR) / "method").glob("*.yaml"))
+    assert options == ["memory_bank", "moco", "simclr", "swav"]
     shared, lrs = set(), {}
     for option in options:
         cfg = make_cfg(["experiment=compare_mnist", f"method={option}"], fast=False)

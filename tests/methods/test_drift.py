@@ -110,4 +110,6 @@ def test_claim_b_is_judged_at_each_size_of_the_queue(tmp_path):
     assert claim.verdict == "does not hold"
     assert claim.evidence.index("0.013x") < claim.evidence.index("queue 0.51x the data: drift 0.0510 (n=3")
     assert "memory bank: drift 0.0110 (n=3, keys 1.00 epochs old, dictionary / data 1.00)" in claim.evidence
-    assert survey_claims(bank + level)[1].verdict.startswith("within noise")
+    # a constant 0.0005 more drift at every seed: decided, and inside the drift margin: the two are equivalent
+    claim = survey_claims(bank + level)[1]
+    assert claim.verdict == "does not hold" and "inside ±0.001" in claim.evidence

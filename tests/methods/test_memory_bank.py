@@ -15,11 +15,12 @@ import torch.nn.functional as F
 from conftest import build, fit, fixed_bank_encoder, make_cfg, spy
 from lightning.pytorch.callbacks import Callback
 
-from contrastive.config import ConfigError, validate_with_data
 from contrastive.data.datamodule import ContrastiveDataModule
+from contrastive.errors import ConfigError
 from contrastive.methods.memory_bank import MemoryBankMethod
 from contrastive.negatives import MemoryBank
 from contrastive.train import train
+from contrastive.validate import validate_with_data
 
 pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
 
@@ -44,12 +45,14 @@ def one_bank_step(cfg_factory, monkeypatch, written: bool) -> dict[str, Any]:
     torch.manual_seed(0)
     model, dm = build(cfg_factory(*BANK))
     gen = torch.Generator().manual_seed(1)
-    model.bank.features.copy_(F.normalize(torch.randn(model.bank.features.shape, generator=gen), dim=1))
+    model.negatives.bank.features.copy_(
+        F.normalize(torch.randn(model.negatives.bank.features.shape, generator=gen), dim=1)
+    )
     if written:
-        model.bank.written_at.copy_(torch.arange(len(model.bank)) + 100)
-    before = model.bank.features.clone(), model.bank.written_at.clone()
+        model.negatives.bank.written_at.copy_(torch.arange(len(model.negatives.bank)) + 100)
+    before = model.negatives.bank.features.clone(), model.negatives.bank.written_at.clone()
     views = spy(monkeypatch, model.augment, "forward")
-    draws = spy(monkeypatch, model.bank, "sample_indices")
+    draws = spy(monkeypatch, model.negatives.bank, "sample_indices")
     outputs = spy(monkeypatch, model, "contrastive_loss")
     images, labels, index = next(iter(dm.train_dataloader()))
     model.training_step([images, labels, index], 0)
@@ -76,8 +79,8 @@ def test_first_write_mixes_in_the_random_start_as_the_paper_does(cfg_factory, mo
     step = one_bank_step(cfg_factory, monkeypatch, written=False)
     model, index, old, query = step["model"], step["index"], step["old"], step["query"]
     expected = F.normalize(0.5 * old[index] + 0.5 * F.normalize(query, dim=1), dim=1)
-    torch.testing.assert_close(model.bank.features[index], expected, rtol=1e-5, atol=1e-6)
-    assert (model.bank.written_at[index] == 0).all()
+    torch.testing.assert_close(model.negatives.bank.features[index], expected, rtol=1e-5, atol=1e-6)
+    assert (model.negatives.bank.written_at[index] == 0).all()
     # as in the paper, the positive is the entry as it was, random
     expected = direct_info_nce(query, old[index], old[step["negatives"]], model.cfg.method.temperature)
     torch.testing.assert_close(step["loss"], expected, rtol=1e-5, atol=1e-6)
@@ -88,7 +91,10 @@ class BankAtFirstStep(Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if not hasattr(self, "features"):
-            self.features, self.written = pl_module.bank.features.clone(), pl_module.bank.written_at.clone()
+            self.features, self.written = (
+                pl_module.negatives.bank.features.clone(),
+                pl_module.negatives.bank.written_at.clone(),
+            )
 
 
 @pytest.mark.parametrize("written_before", [False, True])
@@ -96,8 +102,8 @@ def test_bank_init_encoder_starts_each_entry_as_its_own_image_encoded(cfg_factor
     model, dm = build(cfg_factory(*BANK, *SMALL, "method.bank_init=encoder"))
     encode = fixed_bank_encoder(model, monkeypatch.setattr)
     if written_before:  # a resumed run: the bank is never filled again
-        model.bank.written_at[3] = 7
-    initial = model.bank.features.clone(), model.bank.written_at.clone()
+        model.negatives.bank.written_at[3] = 7
+    initial = model.negatives.bank.features.clone(), model.negatives.bank.written_at.clone()
     seen = BankAtFirstStep()
     fit(model, dm, callbacks=[seen], max_steps=1)
     if written_before:
@@ -111,7 +117,7 @@ def test_bank_init_encoder_starts_each_entry_as_its_own_image_encoded(cfg_factor
 
 def test_bank_init_random_keeps_the_random_start(cfg_factory):
     model, dm = build(cfg_factory(*BANK, *SMALL, "method.bank_init=random"))
-    initial = model.bank.features.clone()
+    initial = model.negatives.bank.features.clone()
     seen = BankAtFirstStep()
     fit(model, dm, callbacks=[seen], max_steps=1)
     assert torch.equal(seen.features, initial) and (seen.written == -1).all()
@@ -119,14 +125,14 @@ def test_bank_init_random_keeps_the_random_start(cfg_factory):
 
 def test_step_writes_normalized_mix_of_old_entry_and_new_embedding(bank_step):
     model, index, old, query = bank_step["model"], bank_step["index"], bank_step["old"], bank_step["query"]
-    assert model.bank.momentum == 0.5
+    assert model.negatives.bank.momentum == 0.5
     expected = F.normalize(0.5 * old[index] + 0.5 * F.normalize(query, dim=1), dim=1)
-    torch.testing.assert_close(model.bank.features[index], expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model.negatives.bank.features[index], expected, rtol=1e-5, atol=1e-6)
     untouched = torch.ones(len(old), dtype=torch.bool)
     untouched[index] = False
     assert untouched.sum() == len(old) - len(index)
-    assert torch.equal(model.bank.features[untouched], old[untouched])
-    written = model.bank.written_at
+    assert torch.equal(model.negatives.bank.features[untouched], old[untouched])
+    written = model.negatives.bank.written_at
     assert (written[index] == 0).all()  # global_step of the step (no trainer: 0)
     assert torch.equal(written[untouched], bank_step["old_written"][untouched])
 
@@ -140,7 +146,7 @@ def test_step_loss_is_info_nce_with_pre_update_entry_as_positive(bank_step):
     expected = direct_info_nce(query, old[index], old[neg], t)
     torch.testing.assert_close(bank_step["loss"], expected, rtol=1e-5, atol=1e-6)
     # the updated entry as positive would give a clearly different (smaller) loss: the test can tell them apart
-    after = direct_info_nce(query, model.bank.features[index], old[neg], t)
+    after = direct_info_nce(query, model.negatives.bank.features[index], old[neg], t)
     assert float(expected - after) > 1e-3
 
 
@@ -148,9 +154,9 @@ def test_step_loss_is_info_nce_with_pre_update_entry_as_positive(bank_step):
 def test_nce_fixes_log_z_from_the_first_batch_and_keeps_it(cfg_factory, monkeypatch):
     torch.manual_seed(0)
     model, dm = build(cfg_factory(*BANK, *SMALL, "method.loss=nce", "method.nce_z=first_batch"))
-    assert torch.isnan(model.log_z)
+    assert torch.isnan(model.negatives.log_z)
     embeds = spy(monkeypatch, model, "embed")
-    draws = spy(monkeypatch, model.bank, "sample_indices")
+    draws = spy(monkeypatch, model.negatives.bank, "sample_indices")
     outputs = spy(monkeypatch, model, "contrastive_loss")
 
     class Record(Callback):
@@ -161,10 +167,10 @@ def test_nce_fixes_log_z_from_the_first_batch_and_keeps_it(cfg_factory, monkeypa
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
             if self.bank0 is None:
-                self.bank0, self.index0 = pl_module.bank.features.clone(), batch[2].clone()
+                self.bank0, self.index0 = pl_module.negatives.bank.features.clone(), batch[2].clone()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-            self.log_z.append(float(pl_module.log_z))
+            self.log_z.append(float(pl_module.negatives.log_z))
 
     record = Record()
     fit(model, dm, [record], max_epochs=2, limit_val_batches=0)
@@ -208,12 +214,12 @@ def test_nce_z_is_estimated_against_the_papers_random_start(cfg_factory, monkeyp
     assert cfg.method.nce_z == "random_start"
     model, dm = build(cfg)
     embeds = spy(monkeypatch, model, "embed")
-    draws = spy(monkeypatch, model.bank, "sample_indices")
+    draws = spy(monkeypatch, model.negatives.bank, "sample_indices")
 
     class Record(Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
             if batch_idx == 0:
-                self.bank0, self.index0 = pl_module.bank.features.clone(), batch[2].clone()
+                self.bank0, self.index0 = pl_module.negatives.bank.features.clone(), batch[2].clone()
 
     record = Record()
     fit(model, dm, [record], max_epochs=1, max_steps=1, limit_val_batches=0)
@@ -231,11 +237,11 @@ def test_nce_z_is_estimated_against_the_papers_random_start(cfg_factory, monkeyp
         gen = torch.Generator().manual_seed(model.cfg.seed)
         sampled = q @ F.normalize(torch.randn(k + 1, q.shape[1], generator=gen), dim=1).T
     log_z = float(torch.log(torch.exp(sampled.double() / t).mean() * n))
-    assert float(model.log_z) == pytest.approx(log_z, rel=1e-5, abs=1e-5)
+    assert float(model.negatives.log_z) == pytest.approx(log_z, rel=1e-5, abs=1e-5)
     # for random unit vectors in D dimensions, E[exp(v . f / T)] ~ exp(1 / (2 D T^2)): Z / n ~ 1.5 at D 128, T 0.1
     # (loosely: 76 vectors make a noisy mean of a heavy-tailed exponential)
     d = q.shape[1]
-    assert float(model.log_z) - math.log(n) == pytest.approx(1 / (2 * d * t * t), abs=0.2)
+    assert float(model.negatives.log_z) - math.log(n) == pytest.approx(1 / (2 * d * t * t), abs=0.2)
     if bank_init == "encoder":  # what the bank as it stands would have given: far from the paper's regime
         own = torch.cat(
             [
@@ -244,7 +250,7 @@ def test_nce_z_is_estimated_against_the_papers_random_start(cfg_factory, monkeyp
             ],
             1,
         )
-        assert float(torch.log(torch.exp(own.double() / t).mean())) > float(model.log_z) - math.log(n) + 1
+        assert float(torch.log(torch.exp(own.double() / t).mean())) > float(model.negatives.log_z) - math.log(n) + 1
 
 
 # -- sampling ---------------------------------------------------------------------------------------------------
@@ -303,10 +309,10 @@ def test_staleness_is_cosine_to_fresh_key_and_age_of_probe_entries(cfg_factory):
     with torch.no_grad():
         images = torch.stack([dm.train_set[int(i)][0] for i in slots])
         fresh = model.projector(model.backbone(model.eval_transform(images)))
-    written = model.bank.written_at[slots]
+    written = model.negatives.bank.written_at[slots]
     seen = written >= 0
     assert seen.sum() > 16
-    cos = F.cosine_similarity(model.bank.features[slots][seen], fresh[seen], dim=1).mean()
+    cos = F.cosine_similarity(model.negatives.bank.features[slots][seen], fresh[seen], dim=1).mean()
     age = (trainer.global_step - written[seen]).float().mean()
     assert 0 < float(cos) <= 1
     assert float(logged["diag/staleness"]) == pytest.approx(float(cos), abs=1e-5)
@@ -347,7 +353,7 @@ def test_checkpoint_holds_bank_and_resume_starts_from_it(bank_run, tmp_path, mon
     out, summary = bank_run
     ckpt_path = out / "checkpoints" / "last.ckpt"
     state = torch.load(ckpt_path, map_location="cpu", weights_only=False)["state_dict"]
-    features, written = state["bank.features"], state["bank.written_at"]
+    features, written = state["negatives.bank.features"], state["negatives.bank.written_at"]
     steps = summary["global_steps"]
     assert steps == 6
     assert features.shape == (ContrastiveDataModule(make_cfg(RUN).data).num_train, 16)
@@ -355,7 +361,9 @@ def test_checkpoint_holds_bank_and_resume_starts_from_it(bank_run, tmp_path, mon
     assert int(written.max()) == steps - 1 and (written >= 0).float().mean() > 0.5
 
     loaded = MemoryBankMethod.load_from_checkpoint(ckpt_path, map_location="cpu")
-    assert torch.equal(loaded.bank.features, features) and torch.equal(loaded.bank.written_at, written)
+    assert torch.equal(loaded.negatives.bank.features, features) and torch.equal(
+        loaded.negatives.bank.written_at, written
+    )
 
     first: dict[str, Any] = {}
     update = MemoryBank.update

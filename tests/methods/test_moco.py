@@ -18,12 +18,13 @@ from conftest import build, fit, make_cfg, spy
 from lightning.pytorch.callbacks import Callback
 
 from contrastive import losses
-from contrastive.config import ConfigError, validate
+from contrastive.errors import ConfigError
 from contrastive.methods import build_method
 from contrastive.methods.moco import MoCo
 from contrastive.models.key_encoder import cosine_ramp
 from contrastive.negatives import Queue
 from contrastive.train import train
+from contrastive.validate import validate
 
 pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
 
@@ -36,8 +37,8 @@ def key_pairs(model: MoCo) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
     params = dict(model.named_parameters())
     pairs = []
     for name, key in params.items():
-        if name.startswith("key_"):
-            pairs.append((name, params[name.removeprefix("key_")], key))
+        if name.startswith("key_encoder."):
+            pairs.append((name, params[name.removeprefix("key_encoder.")], key))
     return pairs
 
 
@@ -65,7 +66,7 @@ def test_key_encoder_is_ema_of_query_encoder_after_the_optimizer_step(cfg_factor
     model, dm = build(cfg)
     pairs = key_pairs(model)
     names = {name for name, _, _ in pairs}
-    query_names = {f"key_{n}" for n, _ in model.named_parameters() if n.startswith(("backbone.", "projector."))}
+    query_names = {f"key_encoder.{n}" for n, _ in model.named_parameters() if n.startswith(("backbone.", "projector."))}
     assert names == query_names and any("projector" in n for n in names)
     with torch.no_grad():  # a key encoder that differs from the query encoder, so every term of the rule shows
         for _, _, key in pairs:
@@ -95,12 +96,12 @@ def test_cosine_momentum_schedule_moves_towards_one(cfg_factory):
             self.values: list[float] = []
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-            self.values.append(float(pl_module.momentum))
+            self.values.append(float(pl_module.key_encoder.momentum))
 
     record = Record()
     fit(model, dm, [record], max_epochs=5, max_steps=3, limit_val_batches=0)
     expected = [1 - 0.1 * (math.cos(math.pi * s / 3) + 1) / 2 for s in range(4)]
-    assert record.values + [float(model.momentum)] == pytest.approx(expected, abs=1e-6)
+    assert record.values + [float(model.key_encoder.momentum)] == pytest.approx(expected, abs=1e-6)
     assert expected[0] == pytest.approx(0.9) and expected[-1] == pytest.approx(1.0)
     assert cosine_ramp(0.9, 1.0, 0.5) == pytest.approx(0.95)
 
@@ -109,7 +110,7 @@ def test_cosine_momentum_schedule_moves_towards_one(cfg_factory):
 def test_queue_is_a_fifo_ring_of_the_last_batches(cfg_factory, monkeypatch):
     torch.manual_seed(0)
     model, dm = build(cfg_factory(*MOCO, *SMALL, "data.batch_size=16", "method.queue_size=32"))
-    keys = spy(monkeypatch, model.key_encoder, "encode")
+    keys = spy(monkeypatch, model.key_encoder, "forward")
 
     class Record(Callback):
         def __init__(self) -> None:
@@ -120,7 +121,7 @@ def test_queue_is_a_fifo_ring_of_the_last_batches(cfg_factory, monkeypatch):
             self.batches.append(batch[2].clone())
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-            q = pl_module.queue
+            q = pl_module.negatives.queue
             self.after.append(
                 {
                     "index": q.index.clone(),
@@ -153,18 +154,20 @@ def queue_step(cfg_factory, monkeypatch):
         torch.manual_seed(0)
         model, dm = build(cfg_factory(*MOCO, "method.queue_size=96", "method.shuffle_bn=false", *overrides))
         gen = torch.Generator().manual_seed(1)
-        model.queue.keys.copy_(F.normalize(torch.randn(model.queue.keys.shape, generator=gen), dim=1))
-        model.queue.index.copy_(torch.arange(96) + 1000)
-        model.queue.written_at.fill_(7)
-        model.queue.ptr.fill_(32)
-        before = {name: getattr(model.queue, name).clone() for name in ("keys", "index", "written_at")}
+        model.negatives.queue.keys.copy_(
+            F.normalize(torch.randn(model.negatives.queue.keys.shape, generator=gen), dim=1)
+        )
+        model.negatives.queue.index.copy_(torch.arange(96) + 1000)
+        model.negatives.queue.written_at.fill_(7)
+        model.negatives.queue.ptr.fill_(32)
+        before = {name: getattr(model.negatives.queue, name).clone() for name in ("keys", "index", "written_at")}
         views = spy(monkeypatch, model.augment, "forward")
         outputs = spy(monkeypatch, model, "contrastive_loss")
         images, labels, index = next(iter(dm.train_dataloader()))
         model.training_step([images, labels, index], 0)
         with torch.no_grad():  # same weights, same batch, BN in training mode: the step's own embeddings
             queries = [model.projector(model.backbone(v)) for v in views[0]]
-            keys = [model.key_projector(model.key_backbone(v)) for v in views[0]]
+            keys = [model.key_encoder.embed(v) for v in views[0]]
         return {
             "model": model,
             "before": before,
@@ -184,9 +187,9 @@ def test_loss_uses_the_queue_from_before_the_batch_then_enqueues_at_ptr(queue_st
     expected = direct_info_nce(q0, k1, before["keys"], s["t"])
     torch.testing.assert_close(s["loss"], expected, rtol=1e-5, atol=1e-6)
     # with the batch's own keys already in the queue the loss would differ: the test can tell them apart
-    assert abs(float(direct_info_nce(q0, k1, model.queue.keys, s["t"]) - expected)) > 1e-3
+    assert abs(float(direct_info_nce(q0, k1, model.negatives.queue.keys, s["t"]) - expected)) > 1e-3
 
-    queue = model.queue
+    queue = model.negatives.queue
     assert int(queue.ptr) == 64
     torch.testing.assert_close(queue.keys[32:64], F.normalize(k1, dim=1), rtol=1e-5, atol=1e-6)
     assert queue.index[32:64].tolist() == s["index"].tolist() and (queue.written_at[32:64] == 0).all()
@@ -202,7 +205,7 @@ def test_symmetric_loss_is_the_mean_of_both_directions_on_the_old_queue(queue_st
     torch.testing.assert_close(s["loss"], expected, rtol=1e-5, atol=1e-6)
     one_way = direct_info_nce(q0, k1, old, s["t"])
     assert abs(float(one_way - expected)) > 1e-4
-    assert int(s["model"].queue.ptr) == 64  # one write per step, after both terms
+    assert int(s["model"].negatives.queue.ptr) == 64  # one write per step, after both terms
 
 
 @pytest.mark.parametrize("batch_size", [16, 32])
@@ -215,7 +218,7 @@ def test_symmetric_negatives_never_hold_the_batchs_own_keys(cfg_factory, monkeyp
     info_nce = losses.info_nce
 
     def recording_info_nce(query, positive, negatives=None, temperature=0.1):
-        calls.append((negatives.clone(), model.queue.index.clone()))
+        calls.append((negatives.clone(), model.negatives.queue.index.clone()))
         return info_nce(query, positive, negatives, temperature)
 
     monkeypatch.setattr(losses, "info_nce", recording_info_nce)
@@ -227,7 +230,7 @@ def test_symmetric_negatives_never_hold_the_batchs_own_keys(cfg_factory, monkeyp
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
             self.batches.append(batch[2].clone())
-            self.queues.append(pl_module.queue.keys.clone())
+            self.queues.append(pl_module.negatives.queue.keys.clone())
 
     record = Record()
     fit(model, dm, [record], max_epochs=5, max_steps=5, limit_val_batches=0)
@@ -246,11 +249,11 @@ def test_shuffle_bn_encodes_shuffled_chunks_and_restores_sample_order(cfg_factor
     model, _ = build(cfg_factory(*MOCO, f"method.bn_splits={bn_splits}"))
 
     def net(v: torch.Tensor) -> torch.Tensor:
-        return model.key_projector(model.key_backbone(v))
+        return model.key_encoder.embed(v)
 
     x = torch.randn(n, 1, 16, 16) + torch.arange(n).view(n, 1, 1, 1) * 0.1  # every sample distinct
     torch.manual_seed(5)
-    keys = model.key_encoder.encode(x)
+    keys = model.key_encoder(x)
     torch.manual_seed(5)
     perm = torch.randperm(n)
     with torch.no_grad():
@@ -264,9 +267,9 @@ def test_shuffle_bn_encodes_shuffled_chunks_and_restores_sample_order(cfg_factor
     assert (keys - full).abs().max() > 1e-3  # sub-batch BN statistics differ from the full batch's
     assert (keys - torch.cat(parts)).abs().max() > 1e-3  # and the keys are not left in shuffled order
 
-    model.cfg.method.shuffle_bn = False
+    model.key_encoder.shuffle_bn = False
     with torch.no_grad():
-        torch.testing.assert_close(model.key_encoder.encode(x), full, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(model.key_encoder(x), full, rtol=1e-5, atol=1e-6)
 
 
 # -- config ----------------------------------------------------------------------------------------------------
@@ -300,25 +303,24 @@ def test_cli_rejects_queue_size_not_multiple_of_batch(tmp_path):
 
 
 def test_presets_v1_linear_head_t007_no_blur_and_v2_mlp_t02():
-    v1 = make_cfg(["method=moco_v1", "augment=simclr"], fast=False)
-    assert v1.method.name == "moco" and v1.method.version == "v1"
+    v1 = make_cfg(["experiment=moco_v1", "augment=simclr"], fast=False)
+    assert v1.method.name == "moco" and "version" not in v1.method
     assert v1.method.proj_layers == 1 and v1.method.temperature == 0.07 and v1.augment.blur.p == 0.0
     assert v1.method.momentum_schedule == "constant"
     model = build_method(v1, 100)
-    for head in (model.projector, model.key_projector):
+    for head in (model.projector, model.key_encoder.projector):
         assert [type(m) for m in head] == [torch.nn.Linear]
 
-    v2 = make_cfg(["method=moco_v2", "augment=simclr"], fast=False)
-    assert v2.method.name == "moco" and v2.method.version == "v2"
+    v2 = make_cfg(["experiment=moco_v2", "augment=simclr"], fast=False)
+    assert v2.method.name == "moco"
     assert v2.method.proj_layers == 2 and v2.method.temperature == 0.2 and v2.augment.blur.p > 0
     assert v2.method.momentum_schedule == "constant" and v2.method.momentum == 0.999  # --cos is the lr's
     model = build_method(v2, 100)
-    assert sum(isinstance(m, torch.nn.Linear) for m in model.key_projector) == 2
+    assert sum(isinstance(m, torch.nn.Linear) for m in model.key_encoder.projector) == 2
     assert any(isinstance(m, torch.nn.ReLU) for m in model.projector)
     # method=moco is the small-data recipe, named as such: m 0.99 on a cosine ramp, BN in the head
     small = make_cfg(["method=moco"], fast=False).method
-    assert (small.version, small.momentum, small.momentum_schedule, small.proj_batch_norm) == (
-        "v2-small-data",
+    assert (small.momentum, small.momentum_schedule, small.proj_batch_norm) == (
         0.99,
         "cosine",
         True,
@@ -333,16 +335,16 @@ def test_staleness_is_cosine_of_queued_keys_to_fresh_keys_and_their_age(cfg_fact
     assert trainer.global_step == 8
     logged = trainer.callback_metrics
     # the queue holds steps 5, 6, 7 (slots 48 / 16 = 3 batches); a probe spread over the ring sees all three
-    assert sorted(set(model.queue.written_at.tolist())) == [5, 6, 7]
+    assert sorted(set(model.negatives.queue.written_at.tolist())) == [5, 6, 7]
     assert float(logged["diag/staleness_age_steps"]) == pytest.approx(2.0, abs=0.2)
 
     filled = torch.linspace(0, 47, 24).round().long()
     model.eval()
     with torch.no_grad():
-        images = torch.stack([dm.train_set[int(i)][0] for i in model.queue.index[filled]])
-        fresh = model.key_projector(model.key_backbone(model.eval_transform(images)))
-    cos = F.cosine_similarity(model.queue.keys[filled], fresh, dim=1).mean()
-    age = (8 - model.queue.written_at[filled]).float().mean()
+        images = torch.stack([dm.train_set[int(i)][0] for i in model.negatives.queue.index[filled]])
+        fresh = model.key_encoder.embed(model.eval_transform(images))
+    cos = F.cosine_similarity(model.negatives.queue.keys[filled], fresh, dim=1).mean()
+    age = (8 - model.negatives.queue.written_at[filled]).float().mean()
     assert 0 < float(cos) <= 1
     assert float(logged["diag/staleness"]) == pytest.approx(float(cos), abs=1e-5)
     assert float(logged["diag/staleness_age_steps"]) == pytest.approx(float(age), abs=1e-5)
@@ -380,15 +382,15 @@ def test_checkpoint_holds_queue_and_resume_continues_at_saved_ptr(moco_run, tmp_
     ckpt_path = out / "checkpoints" / "last.ckpt"
     state = torch.load(ckpt_path, map_location="cpu", weights_only=False)["state_dict"]
     steps = summary["global_steps"]
-    assert steps == 6 and int(state["queue.ptr"]) == 32
-    saved = {name: state[f"queue.{name}"] for name in ("keys", "index", "written_at")}
+    assert steps == 6 and int(state["negatives.queue.ptr"]) == 32
+    saved = {name: state[f"negatives.queue.{name}"] for name in ("keys", "index", "written_at")}
     assert (saved["index"] >= 0).all() and sorted(set(saved["written_at"].tolist())) == [1, 2, 3, 4, 5]
-    assert "momentum" in state and "key_backbone.net.0.weight" in state
+    assert "key_encoder.momentum" in state and "key_encoder.backbone.net.0.weight" in state
 
     loaded = MoCo.load_from_checkpoint(ckpt_path, map_location="cpu")
-    assert int(loaded.queue.ptr) == 32
+    assert int(loaded.negatives.queue.ptr) == 32
     for name, value in saved.items():
-        assert torch.equal(getattr(loaded.queue, name), value), name
+        assert torch.equal(getattr(loaded.negatives.queue, name), value), name
 
     first: dict[str, Any] = {}
     enqueue = Queue.enqueue
@@ -415,8 +417,8 @@ def test_checkpoint_holds_queue_and_resume_continues_at_saved_ptr(moco_run, tmp_
 # -- the paper presets -------------------------------------------------------------------------------------------
 def test_moco_v2_head_is_linear_relu_linear_without_bn(cfg_factory):
     # moco/builder.py with --mlp: fc becomes Linear(d, d_hidden) -> ReLU -> Linear(d_hidden, 128), no BN
-    model, _ = build(cfg_factory("method=moco_v2", *SMALL, "method.queue_size=64"))
-    for head in (model.projector, model.key_projector):
+    model, _ = build(cfg_factory("experiment=moco_v2", *SMALL, "method.queue_size=64"))
+    for head in (model.projector, model.key_encoder.projector):
         assert [type(mod) for mod in head] == [torch.nn.Linear, torch.nn.ReLU, torch.nn.Linear]
         assert head[0].bias is not None and head[2].bias is not None
         m = model.cfg.method
@@ -435,7 +437,7 @@ def test_moco_v2_head_is_linear_relu_linear_without_bn(cfg_factory):
 
 
 def test_moco_v2_momentum_is_constant_0999_over_a_run(cfg_factory):
-    cfg = cfg_factory("method=moco_v2", *SMALL, "data.batch_size=16", "method.queue_size=64")
+    cfg = cfg_factory("experiment=moco_v2", *SMALL, "data.batch_size=16", "method.queue_size=64")
     assert (cfg.method.momentum, cfg.method.momentum_schedule, cfg.method.temperature) == (0.999, "constant", 0.2)
     assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.exclude_norm_bias, cfg.optim.warmup_epochs) == (
         0.03,
@@ -453,7 +455,7 @@ def test_moco_v2_momentum_is_constant_0999_over_a_run(cfg_factory):
             self.queries: list[list[torch.Tensor]] = []
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-            self.values.append(float(pl_module.momentum))
+            self.values.append(float(pl_module.key_encoder.momentum))
             self.keys.append([k.clone() for _, _, k in key_pairs(pl_module)])
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -461,7 +463,7 @@ def test_moco_v2_momentum_is_constant_0999_over_a_run(cfg_factory):
 
     record = Record()
     fit(model, dm, [record], max_epochs=3, max_steps=6, limit_val_batches=0)
-    assert record.values + [float(model.momentum)] == [pytest.approx(0.999, abs=1e-7)] * 7
+    assert record.values + [float(model.key_encoder.momentum)] == [pytest.approx(0.999, abs=1e-7)] * 7
     # each step: key <- 0.999 key + 0.001 query, with the query after the step
     for before, query, after in zip(record.keys, record.queries, record.keys[1:]):
         for kb, q, ka in zip(before, query, after):
@@ -475,18 +477,20 @@ def test_momentum_update_leaves_bn_running_stats_alone(cfg_factory):
         for buffer in list(model.backbone.buffers()) + list(model.projector.buffers()):
             if buffer.is_floating_point():
                 buffer.add_(1.0)  # the query's statistics now differ from the key's
-    key_buffers = [b.clone() for b in list(model.key_backbone.buffers()) + list(model.key_projector.buffers())]
+    key_buffers = [
+        b.clone() for b in list(model.key_encoder.backbone.buffers()) + list(model.key_encoder.projector.buffers())
+    ]
     assert key_buffers and any(b.is_floating_point() for b in key_buffers)
     pairs_before = [(q.detach().clone(), k.clone()) for _, q, k in key_pairs(model)]
-    model.key_encoder.update()
-    after = list(model.key_backbone.buffers()) + list(model.key_projector.buffers())
+    model.key_encoder.update(model.backbone, model.projector, progress=0.0)
+    after = list(model.key_encoder.backbone.buffers()) + list(model.key_encoder.projector.buffers())
     assert all(torch.equal(a, b) for a, b in zip(after, key_buffers))
     for (q, k), (_, _, k_new) in zip(pairs_before, key_pairs(model)):
         torch.testing.assert_close(k_new, 0.9 * k + 0.1 * q)
 
 
 def test_moco_v1_preset_is_the_official_recipe(cfg_factory):
-    cfg = cfg_factory("method=moco_v1", *SMALL)
+    cfg = cfg_factory("experiment=moco_v1", *SMALL)
     m, a, o = cfg.method, cfg.augment, cfg.optim
     assert (m.temperature, m.momentum, m.momentum_schedule, m.proj_layers, m.queue_size) == (
         0.07,

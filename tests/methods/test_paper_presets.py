@@ -23,7 +23,7 @@ def test_simclr_joint_views_is_one_forward_over_2n(cfg_factory, monkeypatch):
     torch.manual_seed(1)
     views = model.augment(images)
     reference = {k: v.clone() for k, v in model.state_dict().items()}
-    out = model.contrastive_loss(views, index, labels)
+    out = model.contrastive_loss(views, model.step_context(index, labels))
     assert len(calls) == 1 and calls[0][1].shape[0] == 2 * len(index)
     model.load_state_dict(reference)  # the BN running statistics as they were
     with torch.no_grad():
@@ -88,7 +88,7 @@ def test_imagenet_presets_carry_the_official_settings(cfg_factory):
 @pytest.mark.slow
 def test_moco_v2_cfg_job_shows_the_official_values():
     out = subprocess.run(
-        [sys.executable, "-m", "contrastive.train", "method=moco_v2", "--cfg", "job"],
+        [sys.executable, "-m", "contrastive.train", "experiment=moco_v2", "--cfg", "job"],
         capture_output=True,
         text=True,
         check=True,
@@ -117,7 +117,8 @@ def test_moco_v2_cfg_job_shows_the_official_values():
     ],
 )
 def test_new_keys_are_checked_before_training(cfg_factory, overrides, message):
-    from contrastive.config import ConfigError, validate
+    from contrastive.errors import ConfigError
+    from contrastive.validate import validate
 
     with pytest.raises(ConfigError, match=message):
         validate(cfg_factory(*overrides))

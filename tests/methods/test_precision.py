@@ -71,7 +71,7 @@ def one_step(method: str, variant: str) -> dict[str, object]:
     hook = first_conv.register_forward_hook(lambda mod, inp, out: dtypes.append(out.dtype))
     torch.manual_seed(2)  # MoCo's shuffle and the bank's draws: alike in every variant
     with context:
-        out = model.contrastive_loss(views, index, labels)
+        out = model.contrastive_loss(views, model.step_context(index, labels))
     out.loss.backward()
     hook.remove()
     grads = [p.grad.flatten() for _, p in sorted(model.named_parameters()) if p.grad is not None]

@@ -18,8 +18,8 @@ from lightning.pytorch.callbacks import Callback
 
 from contrastive import losses
 from contrastive.callbacks import CollapseWarning, CollapseWatch
-from contrastive.config import ConfigError
 from contrastive.data.datamodule import ContrastiveDataModule
+from contrastive.errors import ConfigError
 from contrastive.methods import build_method
 from contrastive.methods.swav import SwAV, normalised_entropy
 
@@ -163,7 +163,7 @@ def test_loss_is_swapped_prediction_of_normalised_embeddings(cfg_factory):
     assert len(views) == 4 and views[2].shape[-1] < views[0].shape[-1]
     with torch.no_grad():
         model.prototypes.weight.mul_(3.0)  # contrastive_loss must renormalise the rows
-        out = model.contrastive_loss(views, index, labels)
+        out = model.contrastive_loss(views, model.step_context(index, labels))
         w = F.normalize(model.prototypes.weight, dim=1)
         scores = [F.normalize(model.projector(model.backbone(v)), dim=1) @ w.T for v in views]
         codes = [losses.sinkhorn(s, 0.05, 3) for s in scores[:2]]
@@ -178,7 +178,7 @@ def test_one_backbone_call_per_resolution(cfg_factory):
     batches = []
     model.backbone.register_forward_hook(lambda mod, args, out: batches.append(args[0].shape))
     views, index, labels = views_for(model, dm)
-    model.contrastive_loss(views, index, labels)
+    model.contrastive_loss(views, model.step_context(index, labels))
     assert len(batches) == 2
     assert batches[0][0] == 2 * 8 and batches[1][0] == 3 * 8 and batches[1][-1] < batches[0][-1]
 
@@ -191,7 +191,7 @@ def test_prototypes_frozen_for_first_epoch_then_move_and_keep_unit_norm(cfg_fact
     trainer = fit(model, dm, [record])
     steps_per_epoch = trainer.num_training_batches
     assert steps_per_epoch >= 2 and len(record.weights) == 2 * steps_per_epoch
-    assert model.dictionary.freeze_until == steps_per_epoch
+    assert model.prototypes.freeze_until == steps_per_epoch
     for w in record.weights[:steps_per_epoch]:
         assert torch.equal(w, initial)
     for w in record.weights[steps_per_epoch:]:
@@ -210,74 +210,76 @@ def test_explicit_freeze_steps(cfg_factory):
 
 
 def test_queue_size_must_be_a_multiple_of_the_batch(cfg_factory):
-    with pytest.raises(ValueError, match="method.queue_size=100"):
-        build(cfg_factory, "method.queue_size=100")
+    with pytest.raises(ValueError, match="method.feature_queue_size=100"):
+        build(cfg_factory, "method.feature_queue_size=100")
     assert issubclass(ConfigError, ValueError)
 
 
 def test_queue_is_checkpointed_and_restored(cfg_factory):
-    model, _ = build(cfg_factory, "method.queue_size=128")
-    model.queue.enqueue(torch.randn(2, 64, 16))
-    model.queue.enqueue(torch.randn(2, 64, 16))
-    model.queue.enqueue(torch.randn(2, 64, 16))  # wraps: overwrites the oldest 64 of each row
+    model, _ = build(cfg_factory, "method.feature_queue_size=128")
+    model.prototypes.queue.enqueue(torch.randn(2, 64, 16))
+    model.prototypes.queue.enqueue(torch.randn(2, 64, 16))
+    model.prototypes.queue.enqueue(torch.randn(2, 64, 16))  # wraps: overwrites the oldest 64 of each row
     state = model.state_dict()
-    assert {"queue.features", "queue.ptr", "queue.filled"} <= set(state)
-    other, _ = build(cfg_factory, "method.queue_size=128")
-    assert not other.queue.full  # caches the host copy of the empty queue's state
+    assert {"prototypes.queue.features", "prototypes.queue.ptr", "prototypes.queue.filled"} <= set(state)
+    other, _ = build(cfg_factory, "method.feature_queue_size=128")
+    assert not other.prototypes.queue.full  # caches the host copy of the empty queue's state
     other.load_state_dict(state)
-    assert torch.equal(other.queue.features, model.queue.features)
-    assert int(other.queue.ptr) == 64 and other.queue.full
+    assert torch.equal(other.prototypes.queue.features, model.prototypes.queue.features)
+    assert int(other.prototypes.queue.ptr) == 64 and other.prototypes.queue.full
     # the restored pointer is where the next write goes
     new = torch.randn(2, 64, 16)
-    other.queue.enqueue(new)
-    torch.testing.assert_close(other.queue.features[:, 64:], new)
+    other.prototypes.queue.enqueue(new)
+    torch.testing.assert_close(other.prototypes.queue.features[:, 64:], new)
 
 
 def test_queue_joins_the_sinkhorn_batch_once_full_and_started(cfg_factory):
-    model, _ = build(cfg_factory, "method.queue_size=64", "method.queue_start_epoch=0", "method.sinkhorn_epsilon=0.05")
+    model, _ = build(
+        cfg_factory, "method.feature_queue_size=64", "method.queue_start_epoch=0", "method.sinkhorn_epsilon=0.05"
+    )
     gen = torch.Generator().manual_seed(5)
     scores = [cosines(8, 10, seed=s) for s in (6, 7)]
     plain = [losses.sinkhorn(s, 0.05, 3) for s in scores]
     # not full yet: the codes are the batch's own
-    for got, want in zip(model.dictionary.codes(scores), plain):
+    for got, want in zip(model.prototypes.codes(scores, model.current_epoch), plain):
         torch.testing.assert_close(got, want)
     queued = F.normalize(torch.randn(2, 64, 16, generator=gen), dim=2)
-    model.queue.enqueue(queued)
+    model.prototypes.queue.enqueue(queued)
     w = model.prototypes.weight
-    for i, got in enumerate(model.dictionary.codes(scores)):
+    for i, got in enumerate(model.prototypes.codes(scores, model.current_epoch)):
         want = losses.sinkhorn(torch.cat([queued[i] @ w.T, scores[i]]), 0.05, 3)[-8:]
         torch.testing.assert_close(got, want)
         assert not torch.allclose(got, plain[i], atol=1e-3)
-    late, _ = build(cfg_factory, "method.queue_size=64", "method.queue_start_epoch=1")
-    late.queue.enqueue(queued)
-    assert not late.dictionary.queue_active()  # epoch 0 < queue_start_epoch
+    late, _ = build(cfg_factory, "method.feature_queue_size=64", "method.queue_start_epoch=1")
+    late.prototypes.queue.enqueue(queued)
+    assert not late.prototypes.queue_active(late.current_epoch)  # epoch 0 < queue_start_epoch
 
 
 def test_training_step_fills_the_queue_with_large_crop_embeddings(cfg_factory):
-    model, dm = build(cfg_factory, "data.batch_size=8", "method.queue_size=16", "method.num_small_views=1")
+    model, dm = build(cfg_factory, "data.batch_size=8", "method.feature_queue_size=16", "method.num_small_views=1")
     views, index, labels = views_for(model, dm)
     model.eval()
     with torch.no_grad():
-        model.contrastive_loss(views, index, labels)
+        model.contrastive_loss(views, model.step_context(index, labels))
         for i in range(2):
             z = F.normalize(model.projector(model.backbone(views[i])), dim=1)
-            torch.testing.assert_close(model.queue.features[i, :8], z, atol=1e-5, rtol=1e-5)
-    assert int(model.queue.filled) == 8 and not model.queue.full
+            torch.testing.assert_close(model.prototypes.queue.features[i, :8], z, atol=1e-5, rtol=1e-5)
+    assert int(model.prototypes.queue.filled) == 8 and not model.prototypes.queue.full
 
 
 def test_bf16_autocast_keeps_codes_in_float32(cfg_factory):
-    model, dm = build(cfg_factory, "data.batch_size=8", "method.queue_size=8", "method.num_small_views=1")
+    model, dm = build(cfg_factory, "data.batch_size=8", "method.feature_queue_size=8", "method.num_small_views=1")
     views, index, labels = views_for(model, dm)
     model.eval()
     with torch.no_grad():
-        model.contrastive_loss(views, index, labels)  # fills the queue: the next step uses it
-        reference = model.contrastive_loss(views, index, labels).loss
+        model.contrastive_loss(views, model.step_context(index, labels))  # fills the queue: the next step uses it
+        reference = model.contrastive_loss(views, model.step_context(index, labels)).loss
         with torch.autocast("cpu", dtype=torch.bfloat16):
             scores = [model.prototypes(F.normalize(model.projector(model.backbone(v)), dim=1)) for v in views[:2]]
-            codes = model.dictionary.codes(scores)
-            loss = model.contrastive_loss(views, index, labels).loss
+            codes = model.prototypes.codes(scores, model.current_epoch)
+            loss = model.contrastive_loss(views, model.step_context(index, labels)).loss
     assert scores[0].dtype == torch.bfloat16 and all(c.dtype == torch.float32 for c in codes)
-    assert model.dictionary.queue_active() and torch.isfinite(loss)
+    assert model.prototypes.queue_active(model.current_epoch) and torch.isfinite(loss)
     torch.testing.assert_close(loss.float(), reference, atol=0.05, rtol=0.02)
 
 
@@ -287,7 +289,7 @@ def test_prototype_entropy_and_dictionary_stats(cfg_factory):
     torch.testing.assert_close(float(normalised_entropy(torch.tensor([1.0, 1, 0, 0]))), math.log(2) / math.log(4))
     model, _ = build(cfg_factory)
     codes = [torch.eye(10)[[0, 1, 1, 2]]]
-    model.dictionary.track(torch.tensor(1.0), codes)
+    model.prototypes.track(torch.tensor(1.0), codes)
     stats = model.dictionary_stats()
     assert stats["negatives_per_query"] == 0 and stats["dictionary_size"] == 10
     p = torch.tensor([0.25, 0.5, 0.25])
@@ -306,10 +308,10 @@ def test_collapse_alarm_warns_once_after_consecutive_collapsed_epochs(cfg_factor
     def epoch(loss: float, codes) -> list[warnings.WarningMessage]:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            model.dictionary.track(torch.tensor(loss), codes)
+            model.prototypes.track(torch.tensor(loss), codes)
             watch.on_train_epoch_end(trainer, model)
             model.on_train_epoch_end()
-        assert model.dictionary.epoch_figures() is None  # each epoch's figures start afresh
+        assert model.prototypes.epoch_figures() is None  # each epoch's figures start afresh
         return [w for w in caught if issubclass(w.category, CollapseWarning)]
 
     assert not epoch(log_k * 1.005, healthy) and not epoch(log_k, healthy)  # loss at ln K, 2 epochs
@@ -345,7 +347,7 @@ def test_head_runs_once_over_all_crops_so_its_bn_sees_them_together(cfg_factory)
     heads = []
     model.projector.register_forward_hook(lambda mod, args, out: heads.append(args[0].shape[0]))
     with torch.no_grad():
-        out = model.contrastive_loss(views, index, labels)
+        out = model.contrastive_loss(views, model.step_context(index, labels))
         feats = torch.cat([reference.backbone(torch.cat(views[:2])), reference.backbone(torch.cat(views[2:]))])
         hidden = reference.projector[0](feats)  # the head's first linear layer, before its BN
     assert heads == [4 * 8]
@@ -365,12 +367,12 @@ def test_head_runs_once_over_all_crops_so_its_bn_sees_them_together(cfg_factory)
 
 def test_queue_is_filled_only_from_its_start_epoch(cfg_factory):
     # the official queue is created at its start epoch: before it, nothing is written
-    model, dm = build(cfg_factory, "data.batch_size=8", "method.queue_size=16", "method.queue_start_epoch=1")
+    model, dm = build(cfg_factory, "data.batch_size=8", "method.feature_queue_size=16", "method.queue_start_epoch=1")
     views, index, labels = views_for(model, dm)
     with torch.no_grad():
-        model.contrastive_loss(views, index, labels)
-    assert int(model.queue.filled) == 0  # epoch 0
-    model, dm = build(cfg_factory, "data.batch_size=8", "method.queue_size=16", "method.queue_start_epoch=0")
+        model.contrastive_loss(views, model.step_context(index, labels))
+    assert int(model.prototypes.queue.filled) == 0  # epoch 0
+    model, dm = build(cfg_factory, "data.batch_size=8", "method.feature_queue_size=16", "method.queue_start_epoch=0")
     with torch.no_grad():
-        model.contrastive_loss(views, index, labels)
-    assert int(model.queue.filled) == 8
+        model.contrastive_loss(views, model.step_context(index, labels))
+    assert int(model.prototypes.queue.filled) == 8

@@ -309,3 +309,60 @@ def test_imagefolder_resizes_and_centre_crops(tmp_path):
     shutil.rmtree(tmp_path / "val")
     with pytest.raises(DataError, match="val/ not found"):
         load_splits(cfg)
+
+
+def write_png16(path: Path, array: np.ndarray) -> Path:
+    """A 16-bit PNG written from the format's definition: ``array`` uint16 [H, W] (grey) or [H, W, 3] (RGB)."""
+    import struct
+    import zlib
+
+    array = np.asarray(array, dtype=">u2")
+    h, w = array.shape[:2]
+    channels = 1 if array.ndim == 2 else array.shape[2]
+    raw = b"".join(b"\x00" + row.tobytes() for row in array.reshape(h, w * channels))  # filter 0 on each row
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", w, h, 16, {1: 0, 3: 2}[channels], 0, 0, 0)  # bit depth 16, grey or RGB
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+    )
+    return path
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("stored", ["grey", "rgb"])
+def test_imagefolder_scales_16_bit_pngs_to_8_bits(tmp_path, stored, channels):
+    """Issue 31, 6: a 16-bit PNG keeps its contrast (value >> 8 per sample), never clipped to white."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    shape = (8, 8) if stored == "grey" else (8, 8, 3)
+    pixels = {cls: rng.integers(0, 65536, shape, dtype=np.uint16) for cls in ("a", "b")}
+    for split in ("train", "val"):
+        for cls, array in pixels.items():
+            (tmp_path / split / cls).mkdir(parents=True)
+            write_png16(tmp_path / split / cls / "x.png", array)
+    with Image.open(tmp_path / "train" / "a" / "x.png") as img:
+        assert img.mode == ("I;16" if stored == "grey" else "RGB")  # a real 16-bit PNG, as Pillow reads it
+    cfg = data_cfg(name="imagefolder", root=str(tmp_path), load_size=8, channels=channels, num_classes=2)
+    train, _ = load_splits(cfg)
+    for i, cls in enumerate(("a", "b")):
+        expected = Image.fromarray((pixels[cls] >> 8).astype(np.uint8)).convert("L" if channels == 1 else "RGB")
+        image, label, _ = train[i]
+        assert label == i and torch.equal(
+            image, torch.from_numpy(np.array(expected)).reshape(8, 8, -1).permute(2, 0, 1)
+        )
+    assert 60 < float(image.float().mean()) < 200  # random samples: mid-grey on average, not white
+
+
+def test_imagefolder_refuses_32_bit_pixels_of_unknown_range(tmp_path):
+    from PIL import Image
+
+    from contrastive.data.datasets import ImageFolderDataset
+
+    (tmp_path / "a").mkdir()
+    Image.fromarray(np.full((8, 8), 1000.0, np.float32)).save(tmp_path / "a" / "x.tif")
+    with pytest.raises(DataError, match=r"x\.tif has 32-bit floating-point pixels \(mode F\)"):
+        ImageFolderDataset(tmp_path, 8, 1)[0]

@@ -65,7 +65,7 @@ def test_method_trains_with_the_fc_backbone(cfg_factory):
     model, dm = build(cfg)
     assert model.backbone.out_dim == 16 and model.probe.in_features == 16
     images, labels, index = next(iter(dm.train_dataloader()))
-    loss = model.contrastive_loss(model.augment(images), index, labels).loss
+    loss = model.contrastive_loss(model.augment(images), model.step_context(index, labels)).loss
     loss.backward()
     fc = model.backbone.net[-3]
     assert torch.isfinite(loss) and fc.weight.grad is not None and fc.weight.grad.abs().sum() > 0

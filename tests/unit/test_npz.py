@@ -182,6 +182,77 @@ def test_pickled_content_is_refused(tmp_path):
     expect_error(npz_cfg(broken), str(broken))
 
 
+def npz_with_member(path: Path, name: str, member: bytes, compress: bool = False, **arrays) -> Path:
+    """An .npz with ``arrays`` saved as NumPy does, and the raw bytes ``member`` stored as ``name``.npy."""
+    import zipfile
+
+    kind = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
+    with zipfile.ZipFile(path, "w", kind) as archive:
+        for key, array in arrays.items():
+            buffer = io.BytesIO()
+            np.save(buffer, array)
+            archive.writestr(key + ".npy", buffer.getvalue())
+        archive.writestr(name + ".npy", member)
+    return path
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def test_header_declaring_a_huge_array_is_refused_before_reading(tmp_path):
+    """Issue 31, 7: a member whose header declares 279 GiB over a few bytes is refused naming the file, and no
+    allocation of the declared size is attempted."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": "|u1", "fortran_order": False, "shape": (300000, 1000, 1000)}
+    )
+    member = header.getvalue() + bytes(64)  # the header (magic included) and 64 bytes of data
+    images, labels = nhwc()
+    path = npz_with_member(tmp_path / "huge.npz", "images", member, labels=labels)
+    expect_error(
+        npz_cfg(path), f"file {path}", "'images' is truncated", "(300000, 1000, 1000)", "300,000,000,000 bytes"
+    )
+
+
+@pytest.mark.parametrize("compress", [False, True], ids=["stored", "deflated"])
+def test_truncated_member_is_reported_as_truncated_not_pickled(tmp_path, compress):
+    """Issue 31, 11: a member cut short (as a copy that stopped) is called truncated, never "pickled objects"."""
+    images, labels = nhwc()
+    whole = npy_bytes(images)
+    path = npz_with_member(tmp_path / "cut.npz", "images", whole[: len(whole) // 2], compress, labels=labels)
+    message = expect_error(npz_cfg(path), f"file {path}", "'images' is truncated")
+    assert "pickled" not in message
+
+
+def test_label_far_above_the_number_of_images_is_refused_as_such(tmp_path):
+    """Issue 31, 9: one label of 10^9 is refused as a label that cannot be a class index, without advice to set
+    data.num_classes to it (a head and tables of 10^9 classes)."""
+    images, labels = nhwc()
+    labels = labels.copy()
+    labels[7] = 10**9
+    path = write(tmp_path / "big_label.npz", images=images, labels=labels)
+    message = expect_error(npz_cfg(path), f"file {path}", "a label of 1000000000 with 50 images", "renumber")
+    assert "num_classes=1000000001" not in message
+
+
+def test_one_class_is_refused_for_the_labelled_evaluation(tmp_path):
+    """Issue 31, 10: with one class every accuracy would be 100%."""
+    images, _ = nhwc()
+    path = write(tmp_path / "one.npz", images=images, labels=np.full(50, 3))
+    expect_error(npz_cfg(path, num_classes=4), f"file {path}", "every image has the label 3", "at least two classes")
+
+
+def test_gaps_in_the_labels_are_named_in_a_warning(tmp_path):
+    """Issue 31, 13: classes 0-3 and 9 of ten: the missing classes 4-8 are named."""
+    images, _ = nhwc()
+    path = write(tmp_path / "gaps.npz", images=images, labels=np.array([0, 1, 2, 3, 9] * 10))
+    with pytest.warns(UserWarning, match=r"no image has the classes 4, 5, 6, 7, 8 \(labels 0\.\.9\)"):
+        load_splits(npz_cfg(path))
+
+
 def test_cli_exit_code_and_message_for_a_bad_archive(tmp_path):
     path = write(tmp_path / "bad.npz", images=np.zeros((8, 4, 4, 3), np.float32), labels=np.arange(8))
     cmd = [
@@ -336,7 +407,7 @@ def test_cifar10_written_files_fail_the_md5_check_clearly(tmp_path):
 def test_compare_cifar10_cpu_experiment_loads_the_split():
     from conftest import make_cfg
 
-    from contrastive.config import validate
+    from contrastive.validate import validate
 
     cfg = make_cfg(["experiment=compare_cifar10_cpu", f"data.root={CIFAR_NPZ.parents[1]}"], fast=False)
     validate(cfg)

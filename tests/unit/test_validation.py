@@ -18,9 +18,11 @@ from conftest import REPO
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigAttributeError, ValidationError
 
-from contrastive.config import ConfigError, ConfigWarning, requested_devices, validate, validate_with_data
 from contrastive.data.datasets import DataError
+from contrastive.errors import ConfigError, ConfigWarning
+from contrastive.launch import requested_devices
 from contrastive.train import train
+from contrastive.validate import validate, validate_with_data
 
 # (overrides, processes, a regex the message must match: the key, the bad value and what is allowed)
 REJECTED = [
