@@ -13,13 +13,13 @@ CONSTRAINTS ?= constraints.txt
 # Threads per process: the default (all cores) oversubscribes small CPU runs.
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: install demo train test test-all study lint clean
+.PHONY: install demo train test test-all study tune tune-sweeps lint clean
 
 $(VENV)/bin/python:
 	$(BOOTSTRAP_PYTHON) -m venv $(VENV)
 
 install: $(filter $(VENV)/bin/python,$(PYTHON))
-	$(PIP) install -q -c $(CONSTRAINTS) -e '.[dev]'
+	$(PIP) install -q -c $(CONSTRAINTS) -e '.[dev,tune]'
 
 # The main job: the four architectures side by side on the embedded digits, then the report.
 demo: install
@@ -44,8 +44,9 @@ test-all: install
 bench-gpu:
 	$(PYTHON) benchmarks/bench.py --device cuda --lightly none --markdown BENCHMARKS.md
 
-# The survey study, resumable (run it again after a stop: finished runs are kept, the others resume; each run's
-# folder is named by its method or sweep point and seed, so a part run alone, e.g. seed=0, is found again), all on the
+# The survey study, after the tuning stage (make tune, below), resumable (run it again after a stop: finished runs
+# are kept, the others resume; each run's folder is named by its method or sweep point and seed, so a part run alone,
+# e.g. seed=0, is found again), all on the
 # CIFAR-10 split: the four methods x 3 seeds with per-stage probes; the MoCo paper's Figure 3 (10 points, 2 seeds) at
 # equal epochs (4), and at equal optimiser steps (500): the batch-64 points (bank, MoCo, end-to-end at 64) take 500
 # steps in their 4 epochs, so the equal-step part trains only the end-to-end points at batches 16 and 256 again and
@@ -54,9 +55,26 @@ bench-gpu:
 # four methods about 42 min a seed, Figure 3 44 min at equal epochs and 20 min at equal steps; 2026-11-29).
 STUDY ?= runs/study
 DATA ?= ../shared/data
+# The tuning stage (issue 29): each method's Optuna study on the CIFAR-10 split's validation images
+# (experiment=tune_cifar10_cpu: 8 trials of 3 epochs, two at a time; about an hour for the four on a 2-core CPU), then
+# its best trial written into conf/experiment/cifar10_cpu/<method>.yaml with its trial table under results/tuning/.
+# Resumable: a finished study (its optimization_results.yaml) is skipped; a stopped one, run again, proposes the same
+# trials (fixed sampler seed) and keeps the finished ones (resume=auto).
+TUNE_METHODS ?= simclr memory_bank moco swav
+TUNING ?= runs/tuning/cifar10_cpu
+tune-sweeps: install
+	for m in $(TUNE_METHODS); do \
+		if [ -f $(TUNING)/$$m/optimization_results.yaml ]; then echo "tuning $$m: finished in $(TUNING)/$$m"; continue; fi; \
+		$(PYTHON) -m contrastive.train -m experiment=tune_cifar10_cpu +tune=$$m data.root=$(DATA) \
+			hydra.sweep.dir=$(TUNING)/$$m || exit 1; done
+tune: tune-sweeps
+	for m in $(TUNE_METHODS); do \
+		$(PYTHON) -m contrastive.tune_record $(TUNING)/$$m --table results/tuning/$$m && \
+		$(PYTHON) -m contrastive.report results/tuning/$$m || exit 1; done
+
 SIDE_BY_SIDE = hydra/launcher=parallel perf.threads=1 resume=auto data.root=$(DATA)
 POINT = 'hydra.sweep.subdir=$${hydra:runtime.choices.experiment/nsweep_cifar10}_seed$${seed}'
-study: install
+study: tune
 	$(PYTHON) -m contrastive.train -m experiment=compare_cifar10_cpu seed=0,1,2 eval.stages=true $(SIDE_BY_SIDE) \
 		hydra.sweep.dir=$(STUDY)/cifar10 \
 		'hydra.sweep.subdir=$${method.name}_seed$${seed}'

@@ -52,7 +52,14 @@ from typing import Any
 
 import torch
 
-METHODS = ("simclr", "memory_bank", "moco", "swav")
+
+def registered_methods() -> tuple[str, ...]:
+    """Every method of the package's registry (imported late: the benchmark's workers start without it)."""
+    from contrastive.methods import METHODS
+
+    return tuple(METHODS)
+
+
 LIGHTLY_PYTHON = os.environ.get("CONTRASTIVE_LIGHTLY_PYTHON", "/tmp/lightly-venv/bin/python")
 PREFETCH_FACTOR = 2  # DataLoader's default, for the workers' loaders
 LOADER_KINDS = ("cpu_aug", "lightly")  # contenders whose DataLoader has worker processes
@@ -102,7 +109,7 @@ class Settings:
     on_device: bool = False  # the framework and the bare loop read the training split kept on the device
     knn: bool = True
     audit: bool = True
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = ()  # empty: every registered method
     lightly: str | None = None  # the Python that imports lightly
     seed: int = 0
 
@@ -1221,11 +1228,10 @@ def settings_from_args(args: argparse.Namespace) -> tuple[Settings, list[str]]:
     s.compile = args.compile
     s.on_device = s.on_device or args.on_device
     s.knn, s.audit = not args.no_knn, not args.no_audit
-    if args.methods:
-        s.methods = tuple(args.methods.split(","))
-        unknown = set(s.methods) - set(METHODS)
-        if unknown or s.methods[0] != REFERENCE:
-            raise SystemExit(f"--methods must start with {REFERENCE} and name only {', '.join(METHODS)}")
+    known = registered_methods()
+    s.methods = tuple(args.methods.split(",")) if args.methods else known
+    if set(s.methods) - set(known) or s.methods[0] != REFERENCE:
+        raise SystemExit(f"--methods must start with {REFERENCE} and name only {', '.join(known)}")
     if args.lightly != "none":
         python = LIGHTLY_PYTHON if args.lightly == "auto" else args.lightly
         version = lightly_available(python)

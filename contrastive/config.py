@@ -32,6 +32,7 @@ class DataConfig:
     std: List[float] = field(default_factory=lambda: [0.5])
     flip: bool = False
     val_fraction: float = 0.2
+    test_fraction: float = 0.0  # >0: a test split read only by the final evaluation (data/datasets.py load_splits)
     split_seed: int = 0
     size: int = 2048
     subset: Optional[str] = None
@@ -202,6 +203,7 @@ class EvalConfig:
     init: bool = True
     pixels: bool = True
     stages: bool = False  # probe every encoder stage at the end (kNN, few-shot linear): later stages serve better?
+    split: str = "auto"  # the final evaluation's split: validation, test, or auto (test where the data has one)
 
 
 @dataclass
@@ -230,6 +232,7 @@ class Config:
     resume: Optional[str] = None
     diagnostics: bool = True
     output_dir: Optional[str] = None
+    tuning: bool = False  # a trial of a tuning sweep: selects on validation, never reads the test split
 
 
 def register_configs() -> None:

@@ -35,6 +35,42 @@ def check_config(e: Any) -> None:
     require(e.linear_epochs >= 0, f"eval.linear_epochs={e.linear_epochs} must be >= 0 (0: no offline linear probe)")
 
 
+EVAL_SPLITS = ("auto", "validation", "test")
+
+
+def final_split(cfg: Any) -> str:
+    """The split the final evaluation (and its baselines) reads: ``eval.split``, where ``auto`` means test if the
+    data sets one aside (``data.test_fraction > 0``) and the run is not a tuning trial, else validation. With two
+    splits the held-out one is validation: the per-epoch monitor reads it too, and settings may have been chosen on
+    it."""
+    split = cfg.eval.get("split", "auto")  # a checkpoint saved before the key existed: auto
+    if split != "auto":
+        return str(split)
+    has_test = float(cfg.data.get("test_fraction", 0.0) or 0.0) > 0
+    return "test" if has_test and not cfg.get("tuning", False) else "validation"
+
+
+def check_split(cfg: Any) -> None:
+    """``eval.split`` against the data and the run: the test split exists only with ``data.test_fraction > 0``, and
+    a tuning trial (``tuning=true``) never reads it, so model selection cannot see the images the final runs are
+    judged on."""
+    split = cfg.eval.split
+    require(split in EVAL_SPLITS, f"eval.split={split!r}; choose one of {', '.join(EVAL_SPLITS)}")
+    if split != "test":
+        return
+    require(
+        not cfg.get("tuning", False),
+        "eval.split=test in a tuning trial (tuning=true): tuning selects on the validation split and never reads "
+        "the test split; set eval.split=validation (or auto), and read test in the final runs",
+    )
+    test = float(cfg.data.get("test_fraction", 0.0) or 0.0)
+    require(
+        test > 0,
+        f"eval.split=test but data.test_fraction={test} sets no test split aside: set data.test_fraction > 0, or "
+        "eval.split=validation",
+    )
+
+
 def extract_features(
     encoder: nn.Module | None, transform: nn.Module, loader, device: torch.device
 ) -> tuple[Tensor, Tensor]:
@@ -78,19 +114,24 @@ def evaluate_features(
     return {k: round(float(v), 2) for k, v in out.items()}
 
 
-def evaluate_encoder(encoder: nn.Module, transform: nn.Module, datamodule, cfg: DictConfig, device, **kwargs):
-    train_loader, val_loader = datamodule.eval_loaders()
+def evaluate_encoder(
+    encoder: nn.Module, transform: nn.Module, datamodule, cfg: DictConfig, device, split: str = "validation", **kwargs
+):
+    """:func:`evaluate_features` with the training split as the labelled bank and ``split`` as the queries."""
+    train_loader, val_loader = datamodule.eval_loaders(split)
     train = extract_features(encoder, transform, train_loader, device)
     val = extract_features(encoder, transform, val_loader, device)
     return evaluate_features(train, val, datamodule.num_classes, cfg, **kwargs)
 
 
-def evaluate_stages(backbone: nn.Module, transform: nn.Module, datamodule, cfg: DictConfig, device) -> dict:
+def evaluate_stages(
+    backbone: nn.Module, transform: nn.Module, datamodule, cfg: DictConfig, device, split: str = "validation"
+) -> dict:
     """The probes of :func:`evaluate_features` but the offline linear one on every stage of the encoder
     (:mod:`contrastive.metrics.stages`), as ``stage_<name>_<metric>``; ``stages`` lists the names, shallow to deep."""
     from contrastive.metrics.stages import stage_features
 
-    train_loader, val_loader = datamodule.eval_loaders()
+    train_loader, val_loader = datamodule.eval_loaders(split)
     train_feats, yt = stage_features(backbone, transform, train_loader, device)
     val_feats, yv = stage_features(backbone, transform, val_loader, device)
     out: dict = {"stages": list(train_feats)}
@@ -124,8 +165,9 @@ def evaluate_checkpoint(ckpt: str | Path, overrides: dict | None = None) -> dict
     model.to(device)
     dm = ContrastiveDataModule(cfg.data)
     dm.setup("fit")
-    metrics = evaluate_encoder(model.backbone, model.eval_transform, dm, cfg.eval, device)
-    return {"method": cfg.method.name, "data": cfg.data.name, "ckpt": str(path), **metrics}
+    split = final_split(cfg)
+    metrics = evaluate_encoder(model.backbone, model.eval_transform, dm, cfg.eval, device, split=split)
+    return {"method": cfg.method.name, "data": cfg.data.name, "ckpt": str(path), "eval_split": split, **metrics}
 
 
 def _apply_overrides(cfg: DictConfig, overrides: dict) -> DictConfig:

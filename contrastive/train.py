@@ -66,31 +66,48 @@ def _in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
+def objective(cfg: DictConfig, summary: dict[str, Any]) -> float | None:
+    """What a tuning sweep's sampler (hydra-optuna-sweeper) is told: the trial's final kNN accuracy on the validation
+    split; None outside tuning (nothing to tell)."""
+    if not cfg.get("tuning", False) or not summary:  # not tuning, or not the process that evaluates
+        return None
+    if summary.get("eval_split") != "validation":  # check_split refuses this before work: a second lock
+        split = summary.get("eval_split")
+        raise ConfigError(f"a tuning trial selects on validation, but its figures come from {split}")
+    return float(summary["knn_acc"])
+
+
 @hydra.main(config_path="pkg://contrastive.conf", config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> float | None:
     """Exit codes: see :mod:`contrastive.errors`. In a multirun a failed job is reported and the sweep goes on;
-    the sweep's report (``errors.SweepReport``) lists the failures at the end and sets the exit code."""
+    the sweep's report (``errors.SweepReport``) lists the failures at the end and sets the exit code. A tuning trial
+    returns its objective (:func:`objective`); one that diverged returns NaN, which the sampler records as a failed
+    trial, and counts as a finished job: a learning rate that diverges is a result of the search, not an error."""
     STATE["job_started"] = True
     multirun = _in_multirun()
     try:
-        train(cfg)
+        summary = train(cfg)
     except (ConfigError, DataError, TrainingDiverged, RunStopped) as err:
         code = err.code if isinstance(err, RunStopped) else FAILED if isinstance(err, TrainingDiverged) else REFUSED
         message = clean_error_message(err)
         print(f"error: {message}", file=sys.stderr)
         if multirun:
-            record_job(code, message)
+            tuned_away = isinstance(err, TrainingDiverged) and cfg.get("tuning", False)
+            record_job(0 if tuned_away else code, message)
+            if tuned_away:
+                return float("nan")
             if not isinstance(err, RunStopped):  # a stop request ends the whole sweep
-                return
+                return None
         sys.exit(code)
     except Exception as err:
         if not multirun:
             raise
         traceback.print_exc()
         record_job(FAILED, f"{type(err).__name__}: {err}")
-        return
+        return None
     if multirun:
         record_job(0)
+    return objective(cfg, summary)
 
 
 if __name__ == "__main__":

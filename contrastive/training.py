@@ -41,7 +41,7 @@ from contrastive.checkpoints import (
 )
 from contrastive.data.datamodule import ContrastiveDataModule
 from contrastive.errors import RunStopped, json_safe
-from contrastive.evaluate import evaluate_encoder, evaluate_features, evaluate_stages, extract_features
+from contrastive.evaluate import evaluate_encoder, evaluate_features, evaluate_stages, extract_features, final_split
 from contrastive.flops_callback import FlopsCallback
 from contrastive.launch import build_plugins, build_strategy, world_size
 from contrastive.loggers import build_logger
@@ -80,6 +80,7 @@ def train(cfg: DictConfig, out: Path) -> dict[str, Any]:
         return kept_summary(run)
     model.to(model.device if model.device.type != "meta" else device)
     summary.update(run_figures(cfg, trainer, model, callbacks, train_time))
+    summary.update(split_names(cfg, datamodule))
     summary.update(final_evaluation(cfg, model, datamodule))
     return write_summary(run, summary, callbacks.history)
 
@@ -127,20 +128,28 @@ def baselines(
     cfg: DictConfig, model: ContrastiveMethod, datamodule: ContrastiveDataModule, device: torch.device
 ) -> dict[str, Any]:
     """What training is measured against: the encoder at initialisation (``init_*``) and raw pixels
-    (``pixels_*``), before any step."""
+    (``pixels_*``), before any step, on the final evaluation's split (so they compare with its figures)."""
     summary: dict[str, Any] = {}
     if not is_rank_zero():
         return summary
+    split = final_split(cfg)
     if cfg.eval.init:
         model.to(device)
         summary.update(
             evaluate_encoder(
-                model.backbone, model.eval_transform, datamodule, cfg.eval, device, prefix="init_", full=False
+                model.backbone,
+                model.eval_transform,
+                datamodule,
+                cfg.eval,
+                device,
+                split=split,
+                prefix="init_",
+                full=False,
             )
         )
         model.cpu()
     if cfg.eval.pixels:
-        train_loader, val_loader = datamodule.eval_loaders()
+        train_loader, val_loader = datamodule.eval_loaders(split)
         pixels = [extract_features(None, model.eval_transform, loader, device) for loader in (train_loader, val_loader)]
         summary.update(evaluate_features(*pixels, datamodule.num_classes, cfg.eval, prefix="pixels_", full=False))
     return summary
@@ -251,12 +260,21 @@ def run_figures(
     }
 
 
+def split_names(cfg: DictConfig, datamodule: ContrastiveDataModule) -> dict[str, Any]:
+    """Which split each figure comes from: the final evaluation and the baselines (``knn_acc``, few-shot, linear,
+    ``init_*``, ``pixels_*``, ``stage_*``) read ``eval_split``; the per-epoch history (kNN, online linear probe,
+    diagnostics) reads ``monitor_split``, always validation; the kNN bank is the training split's features."""
+    return {"eval_split": final_split(cfg), "monitor_split": "validation", "split_sizes": datamodule.split_sizes()}
+
+
 def final_evaluation(cfg: DictConfig, model: ContrastiveMethod, datamodule: ContrastiveDataModule) -> dict[str, Any]:
     summary: dict[str, Any] = {}
+    split, device = final_split(cfg), model.device
+    backbone, transform = model.backbone, model.eval_transform
     if cfg.eval.final:
-        summary.update(evaluate_encoder(model.backbone, model.eval_transform, datamodule, cfg.eval, model.device))
+        summary.update(evaluate_encoder(backbone, transform, datamodule, cfg.eval, device, split=split))
     if cfg.eval.stages:
-        summary.update(evaluate_stages(model.backbone, model.eval_transform, datamodule, cfg.eval, model.device))
+        summary.update(evaluate_stages(backbone, transform, datamodule, cfg.eval, device, split=split))
     return summary
 
 

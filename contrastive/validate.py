@@ -33,6 +33,7 @@ def validate(cfg: Any, world_size: int = 1) -> None:
     loggers.check_config(cfg.logger)
     check_trainer(cfg.trainer)
     evaluate.check_config(cfg.eval)
+    evaluate.check_split(cfg)  # the test split: only where there is one, never in a tuning trial
     check_run_keys(cfg)
     method.check_config(cfg, world_size)
     if cfg.ckpt_path:
@@ -55,7 +56,7 @@ def check_resolves(cfg: Any) -> None:
     try:
         OmegaConf.to_container(cfg, resolve=True)
     except OmegaConfBaseException as err:
-        raise ConfigError(f"{err.full_key} cannot be resolved: {err.msg}") from None
+        raise ConfigError(f"{err.full_key} cannot be resolved: {str(err.msg).splitlines()[0]}") from None
 
 
 def check_run_keys(cfg: Any) -> None:

@@ -31,6 +31,7 @@ def check_config(cfg: Any) -> None:
         f"data.crops=full cuts views from image files at their own resolution: only data=imagefolder has them, "
         f"not data.name={data.name!r}; use data.crops=stored",
     )
+    _check_fractions(data)
     _check_crop_sizes(cfg)
     try:
         build_eval_transform(data)
@@ -39,6 +40,18 @@ def check_config(cfg: Any) -> None:
         raise
     except ValueError as err:  # the augmentations' own rules name the key
         raise ConfigError(str(err)) from None
+
+
+def _check_fractions(data: Any) -> None:
+    """The splits: validation and (data.test_fraction > 0) test are fractions of a pool of images, or of the training
+    set of a set that ships its own held-out set (which then is the test split): see datasets.load_splits."""
+    val, test = data.val_fraction, data.get("test_fraction", 0.0)
+    require(0 < val < 1, f"data.val_fraction={val} must be in (0, 1)")
+    require(0 <= test < 1, f"data.test_fraction={test} must be in [0, 1) (0: no test split)")
+    require(
+        val + test < 1,
+        f"data.val_fraction={val} + data.test_fraction={test} must be < 1: the rest is the training split",
+    )
 
 
 def _check_crop_sizes(cfg: Any) -> None:

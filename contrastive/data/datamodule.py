@@ -1,4 +1,5 @@
-"""LightningDataModule over ``load_splits``: a shuffled training loader and the two evaluation loaders.
+"""LightningDataModule over ``load_splits``: a shuffled training loader and the evaluation loaders (the training
+split's features with those of validation, or of test where ``data.test_fraction`` sets one aside).
 
 With ``data.on_device=true`` the training split lives on the training device as one uint8 tensor and each epoch is
 a permutation drawn there and batched indexing (:class:`DeviceBatches`): no DataLoader, no host-to-device copy per
@@ -14,6 +15,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from contrastive.data.datasets import DataError, ImageTensorDataset, collate, load_splits
+
+SPLITS = ("train", "validation", "test")  # the names every figure's split is given by (metrics.json, the report)
 
 
 class DeviceBatches:
@@ -56,8 +59,9 @@ class DeviceBatches:
 
 
 class ContrastiveDataModule(L.LightningDataModule):
-    """Batches of ``(uint8 images, labels, indices)``; ``val_dataloader`` gives ``[train split, val split]``
-    (dataloader_idx 0 = the kNN bank's features, 1 = its queries)."""
+    """Batches of ``(uint8 images, labels, indices)``; ``val_dataloader`` gives ``[train split, validation split]``
+    (dataloader_idx 0 = the kNN bank's features, 1 = its queries): the per-epoch monitor never reads the test
+    split, which only :meth:`eval_loaders` with ``split="test"`` serves."""
 
     def __init__(self, data_cfg: Any, seed: int = 0) -> None:
         super().__init__()
@@ -66,6 +70,7 @@ class ContrastiveDataModule(L.LightningDataModule):
         self.device = torch.device("cpu")  # the on-device path's device when no Trainer runs it
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None  # data.test_fraction > 0 only
         # set by the method for data.crops=full: wraps the training set so its items are views cut at full
         # resolution (contrastive.data.crops); evaluation and the bank's start read the plain set
         self.train_views: Any = None
@@ -77,7 +82,7 @@ class ContrastiveDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None:
-            self.train_set, self.val_set = load_splits(self.cfg)
+            self.train_set, self.val_set, self.test_set = load_splits(self.cfg, with_test=True)
             self.check_on_device()  # before any training
 
     def loader(self, dataset: Dataset, train: bool) -> DataLoader:
@@ -129,10 +134,25 @@ class ContrastiveDataModule(L.LightningDataModule):
             world=trainer.world_size,
         )
 
-    def eval_loaders(self) -> tuple[DataLoader, DataLoader]:
-        """(train split, val split) in order, without dropping a batch; usable outside the Trainer."""
+    def eval_loaders(self, split: str = "validation") -> tuple[DataLoader, DataLoader]:
+        """(train split, ``split``) in order, without dropping a batch; usable outside the Trainer. ``split``:
+        validation, or test where the data has one."""
         self.setup()
-        return self.loader(self.train_set, train=False), self.loader(self.val_set, train=False)
+        if split not in SPLITS[1:]:
+            raise ValueError(f"split={split!r}: choose validation or test")
+        held_out = self.val_set if split == "validation" else self.test_set
+        if held_out is None:
+            raise DataError(
+                f"data={self.cfg.name} has no test split (data.test_fraction={self.cfg.get('test_fraction', 0)}): "
+                "set data.test_fraction > 0, or evaluate on validation"
+            )
+        return self.loader(self.train_set, train=False), self.loader(held_out, train=False)
+
+    def split_sizes(self) -> dict[str, int]:
+        """Images per split, as metrics.json records them (the test split only where there is one)."""
+        self.setup()
+        sets = zip(SPLITS, (self.train_set, self.val_set, self.test_set))
+        return {name: len(dataset) for name, dataset in sets if dataset is not None}
 
     def val_dataloader(self) -> list[DataLoader]:
         return list(self.eval_loaders())

@@ -1,8 +1,8 @@
 """Data sets as uint8 images: ``item -> (image [C, H, W] uint8, label, index)``.
 
 Augmentation happens later, batch-wise on the device, so the data sets only decode and store pixels. ``load_splits``
-turns a ``data`` config into a (train, val) pair; every failure to find or read the data is a ``DataError`` whose
-message names the path and the override that fixes it.
+turns a ``data`` config into its splits (train, validation, and test with ``data.test_fraction``); every failure to
+find or read the data is a ``DataError`` whose message names the path and the override that fixes it.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import Dataset, default_collate, get_worker_info
+from torch.utils.data import Dataset, Subset, default_collate, get_worker_info
 
 from contrastive.errors import DataError, DataWarning
 
@@ -154,18 +154,66 @@ class ImageFolderDataset(Dataset):
 # -- helpers -------------------------------------------------------------------------------------------------
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[Tensor, Tensor]:
     """Seeded random split of ``range(n)`` into (train, val) index tensors, each in ascending order."""
+    train, val, _ = split_three(n, val_fraction, 0.0, seed)
+    return train, val
+
+
+def split_three(n: int, val_fraction: float, test_fraction: float, seed: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Seeded random split of ``range(n)`` into (train, validation, test) index tensors, each in ascending order.
+    One permutation serves both layouts: the test split is its head and validation follows, so with
+    ``test_fraction == 0`` validation is the head as it always was (recorded runs keep their images), and a test
+    split of the size validation had holds the same images validation held before."""
     if not 0 < val_fraction < 1:
         raise DataError(f"data.val_fraction={val_fraction} must be in (0, 1)")
-    n_val = round(n * val_fraction)
-    if not 0 < n_val < n:
-        raise DataError(f"data.val_fraction={val_fraction} leaves an empty split of {n} images")
+    if not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
+        raise DataError(
+            f"data.test_fraction={test_fraction} must be in [0, 1) and leave training images beside "
+            f"data.val_fraction={val_fraction} (their sum must be < 1)"
+        )
+    n_val, n_test = round(n * val_fraction), round(n * test_fraction)
+    if not 0 < n_val < n or (test_fraction > 0 and n_test == 0) or n_val + n_test >= n:
+        raise DataError(
+            f"data.val_fraction={val_fraction} and data.test_fraction={test_fraction} leave an empty split of {n} "
+            "images"
+        )
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    return perm[n_val:].sort().values, perm[:n_val].sort().values
+    test, val, train = perm[:n_test], perm[n_test : n_test + n_val], perm[n_test + n_val :]
+    return train.sort().values, val.sort().values, test.sort().values
 
 
-def _split(images: Tensor, labels: Tensor, cfg: Any) -> tuple[ImageTensorDataset, ImageTensorDataset]:
-    train, val = split_indices(len(labels), cfg.val_fraction, cfg.split_seed)
-    return ImageTensorDataset(images[train], labels[train]), ImageTensorDataset(images[val], labels[val])
+def test_fraction(cfg: Any) -> float:
+    # configs built before the key existed (and plain dicts in tests) have two splits
+    return float(cfg.get("test_fraction", 0.0) or 0.0)
+
+
+def _split(images: Tensor, labels: Tensor, cfg: Any) -> tuple[ImageTensorDataset, ...]:
+    """A pool of labelled images -> (train, validation), or (train, validation, test) with data.test_fraction."""
+    parts = split_three(len(labels), cfg.val_fraction, test_fraction(cfg), cfg.split_seed)
+    parts = parts if test_fraction(cfg) > 0 else parts[:2]
+    return tuple(ImageTensorDataset(images[index], labels[index]) for index in parts)
+
+
+class LabelledSubset(Subset):
+    """A subset of a data set read image by image (imagefolder) that still knows its labels and classes."""
+
+    @property
+    def labels(self) -> Tensor:
+        return torch.as_tensor(self.dataset.labels)[torch.as_tensor(self.indices, dtype=torch.int64)]
+
+    @property
+    def num_classes(self) -> int:
+        return self.dataset.num_classes
+
+
+def _carve_validation(train: Dataset, cfg: Any) -> tuple[Dataset, Dataset]:
+    """A set that ships its own train / held-out pair, made three-way: validation is ``data.val_fraction`` of its
+    training set (seeded), and its own held-out set becomes the test split."""
+    keep, val = split_indices(len(train), cfg.val_fraction, cfg.split_seed)
+    if isinstance(train, ImageTensorDataset):
+        return ImageTensorDataset(train.images[keep], train.labels[keep]), ImageTensorDataset(
+            train.images[val], train.labels[val]
+        )
+    return LabelledSubset(train, keep.tolist()), LabelledSubset(train, val.tolist())
 
 
 def _where(cfg: Any) -> str:
@@ -600,13 +648,13 @@ LOADERS: dict[str, Callable[[Any], tuple[Dataset, Dataset]]] = {
 }
 
 
-def check_labels(train: Any, val: Any, data_cfg: Any) -> None:
+def check_labels(train: Any, val: Any, data_cfg: Any, test: Any = None) -> None:
     """Labels that class indices can be: not beyond the number of images (a label of 10^9 would make every
     per-class table that large), at least two classes for the labelled evaluation (with one, every accuracy is
     100%), and a warning naming the classes below the largest label that no image has."""
     import warnings
 
-    labels = torch.cat([torch.as_tensor(train.labels), torch.as_tensor(val.labels)])
+    labels = torch.cat([torch.as_tensor(s.labels) for s in (train, val, test) if s is not None])
     source = f"file {_npz_path(data_cfg)}" if data_cfg.name == "npz" else f"data={data_cfg.name}"
     if not len(labels):
         raise DataError(f"{source} holds no images")
@@ -634,13 +682,23 @@ def check_labels(train: Any, val: Any, data_cfg: Any) -> None:
         )
 
 
-def load_splits(data_cfg: Any) -> tuple[Dataset, Dataset]:
-    """(train, val) for ``data_cfg.name``; train serves self-supervised training (labels only for monitoring)."""
+def load_splits(data_cfg: Any, with_test: bool = False) -> tuple[Dataset, ...]:
+    """(train, validation) for ``data_cfg.name``; train serves self-supervised training (labels only for
+    monitoring). ``with_test``: (train, validation, test), test None unless ``data.test_fraction > 0``. A pool of
+    images (digits, synthetic, an npz of images + labels, mnist's test_split) is split three ways by the fractions;
+    a set with its own held-out set (cifar, stl10, mnist, MedMNIST npz, imagefolder's val/) keeps that set as the
+    test split and takes validation from its training set (``data.val_fraction`` of it)."""
     if data_cfg.name not in LOADERS:
         raise DataError(f"data.name={data_cfg.name!r} is not known; choose one of {', '.join(LOADERS)}")
-    train, val = LOADERS[data_cfg.name](data_cfg)
-    check_labels(train, val, data_cfg)
-    found = max(train.num_classes, val.num_classes)
+    sets = LOADERS[data_cfg.name](data_cfg)
+    if len(sets) == 3:
+        train, val, test = sets
+    elif test_fraction(data_cfg) > 0:
+        (train, val), test = _carve_validation(sets[0], data_cfg), sets[1]
+    else:
+        (train, val), test = sets, None
+    check_labels(train, val, data_cfg, test)
+    found = max(s.num_classes for s in (train, val, test) if s is not None)
     if found != data_cfg.num_classes:
         raise DataError(
             f"data.num_classes={data_cfg.num_classes} but {data_cfg.name} has {found} classes: "
@@ -652,4 +710,4 @@ def load_splits(data_cfg: Any) -> tuple[Dataset, Dataset]:
             f"data.channels={data_cfg.channels} but {data_cfg.name} images have {channels}: "
             f"set data.channels={channels}"
         )
-    return train, val
+    return (train, val, test) if with_test else (train, val)

@@ -43,6 +43,7 @@ from contrastive.report.tables import (
     budget_line,
     groups_table,
     runs_table,
+    splits_line,
 )
 
 
@@ -251,6 +252,8 @@ def build_report(
             "",
         ]
     lines += [
+        splits_line(runs),
+        "",
         baselines_line(runs),
         "",
         budget_line(runs),
@@ -317,7 +320,10 @@ def build_report(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m contrastive.report",
-        description="Compare the runs below DIR (or several DIRs): markdown table, plots, survey claims.",
+        description=(
+            "Compare the runs below DIR (or several DIRs): markdown table, plots, survey claims. A tuning folder (a "
+            "sweep of experiment=tune_*, or its table from contrastive.tune_record): the trial table and its plot."
+        ),
     )
     parser.add_argument(
         "dir",
@@ -346,6 +352,19 @@ def main(argv: list[str] | None = None) -> int:
         ),
     )
     args = parser.parse_args(argv)
+    from contrastive.tune_record import TuningError, is_tuning_folder
+
+    if len(args.dir) == 1 and is_tuning_folder(args.dir[0]):  # a sweep of experiment=tune_*, or its recorded table
+        from contrastive.report.tuning import tuning_report
+
+        try:
+            path = tuning_report(args.dir[0], args.out)
+        except TuningError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        print(path.read_text())
+        print(f"\nwrote {path}")
+        return 0
     margins = {}
     for item in args.margin:
         name, _, value = item.partition("=")

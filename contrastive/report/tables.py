@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 from contrastive.report.runs import Run, _as_float, _by, _mean, _short, _values, compare_runs
@@ -125,6 +126,24 @@ def budget_line(runs: list[Run]) -> str:
     if len(epochs) == 1:
         return f"Budget: equal epochs ({span(epochs)} per run; optimiser steps {span(steps)})."
     return f"Budget: unequal (optimiser steps {span(steps)}, epochs {span(epochs)}): compare with care."
+
+
+def splits_line(runs: list[Run]) -> str:
+    """Which split the figures come from (metrics.json ``eval_split`` / ``monitor_split`` / ``split_sizes``). Runs
+    recorded before the splits were named held out one split, read by the per-epoch monitor too: validation."""
+    unnamed = "validation (two splits, recorded before names)"
+    evals = Counter(str(run.metrics.get("eval_split") or unnamed) for run in runs)
+    sizes = next((run.metrics["split_sizes"] for run in runs if isinstance(run.metrics.get("split_sizes"), dict)), None)
+    named = ", ".join(f"{split} for {n} run{'s' if n > 1 else ''}" for split, n in evals.items())
+    text = (
+        f"Splits: the final figures (kNN, few-shot, linear probes, raw pixels, initialisation, stages) are on the "
+        f"**{named}** split; the per-epoch kNN and online probe on validation; the kNN bank is the training split."
+    )
+    if len(evals) > 1:
+        text += " The runs were evaluated on different splits: compare their figures with care."
+    if sizes:
+        text += " Images: " + ", ".join(f"{name} {count:,}" for name, count in sizes.items()) + "."
+    return text
 
 
 def baselines_line(runs: list[Run]) -> str:

@@ -41,9 +41,9 @@ CIFAR_POINTS = [
 def test_every_point_of_the_studys_figure_3_takes_500_steps_at_equal_steps(point):
     """`make study` trains e2e_16 and e2e_256 under experiment=negatives_sweep_cifar10_steps and takes the batch-64
     points from the equal-epoch sweep: both ways, 500 steps."""
-    train_images = 8_000  # the CIFAR-10 split: 10,000 x (1 - data.val_fraction)
+    train_images = 8_000  # the CIFAR-10 split: 10,000 x (1 - data.val_fraction - data.test_fraction)
     epochs = make_cfg(["experiment=negatives_sweep_cifar10", f"+experiment/nsweep_cifar10={point}"], fast=False)
-    assert round(10_000 * (1 - epochs.data.val_fraction)) == train_images
+    assert round(10_000 * (1 - epochs.data.val_fraction - epochs.data.test_fraction)) == train_images
     validate(epochs)  # e.g. MoCo's queue a multiple of the batch
     steps_per_epoch = train_images // epochs.data.batch_size
     if point.startswith("e2e") and point != "e2e_64":

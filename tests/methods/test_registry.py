@@ -16,7 +16,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_cfg
+from conftest import TINY, make_cfg
 from torch import nn
 
 from contrastive import losses
@@ -32,21 +32,8 @@ from contrastive.validate import validate
 
 K = 8
 
-TINY = [
-    "data=digits",
-    "data.batch_size=16",
-    "backbone.width=4",
-    "method.proj_hidden_dim=16",
-    "method.proj_out_dim=8",
-    "method.probe_size=16",
-    "trainer.max_epochs=1",
-    "trainer.limit_train_batches=2",
-    "trainer.limit_val_batches=1",
-    "eval.init=false",
-    "eval.pixels=false",
-    "eval.final=false",
-    "logger=none",
-]
+# conftest's tiny run, one epoch of two steps
+RUN = [*TINY, "trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "logger=none"]
 
 
 # -- a fifth method: BYOL ---------------------------------------------------------------------------------------
@@ -110,7 +97,7 @@ def byol(monkeypatch, tmp_path):
 
 def test_a_fifth_method_trains_through_its_own_files_and_one_registry_line(byol, tmp_path):
     run = tmp_path / "runs" / "byol"
-    metrics = train(make_cfg([*byol, "method=byol", *TINY], fast=False, tmp_path=run))
+    metrics = train(make_cfg([*byol, "method=byol", *RUN], tmp_path=run))
     (model,) = BYOL.built
     assert model.global_step == 2 and metrics["method"] == "byol" and metrics["family"] == "self-distillation"
     assert json.loads((run / "metrics.json").read_text())["family"] == "self-distillation"
@@ -164,9 +151,7 @@ def random_source(monkeypatch):
 
 def source_cfg(tmp_path, *extra: str):
     return make_cfg(
-        [*TINY, "method=simclr", "method.negatives=random", f"method.num_negatives={K}", *extra],
-        fast=False,
-        tmp_path=tmp_path,
+        [*RUN, "method=simclr", "method.negatives=random", f"method.num_negatives={K}", *extra], tmp_path=tmp_path
     )
 
 

@@ -417,6 +417,9 @@ def test_compare_cifar10_cpu_experiment_loads_the_split():
         0.8,
         "small_cnn",
     )
-    train, val = load_splits(cfg.data)
-    direct, _ = load_splits(npz_cfg(CIFAR_NPZ))
-    assert (len(train), len(val)) == (8000, 2000) and torch.equal(train.images, direct.images)
+    train, val, test = load_splits(cfg.data, with_test=True)
+    direct, held_out = load_splits(npz_cfg(CIFAR_NPZ))
+    # three splits (experiment/base/cifar10_cpu): the same 8,000 training images as the two-way split recorded runs
+    # trained on, and its 2,000 held-out images halved into test (first) and validation
+    assert (len(train), len(val), len(test)) == (8000, 1000, 1000) and torch.equal(train.images, direct.images)
+    assert torch.equal(torch.cat([test.images, val.images]).sort(0).values, held_out.images.sort(0).values)

@@ -95,6 +95,17 @@ REJECTED = [
     (["optim.weight_decay=-1"], 1, r"optim\.weight_decay=-1\.0 must be >= 0"),
     (["+method.temprature=0.1"], 1, r"method\.temprature is not a key of method; did you mean method\.temperature"),
     (["+backbone.widht=8"], 1, r"backbone\.widht is not a key of backbone; did you mean backbone\.width"),
+    # refused before work (they used to fail inside the run, exit 1 with a traceback)
+    (["optim.lr=${optim.nope}"], 1, r"optim\.lr cannot be resolved: Interpolation key 'optim\.nope' not found$"),
+    (["data.std=[0]"], 1, r"data\.std=\[0\.0\] must be > 0"),
+    (["data.mean=[0.5,0.5]", "data.std=[0.5]"], 1, r"data\.mean=\[0\.5, 0\.5\] and std=\[0\.5\] need one value per"),
+    (["augment.grayscale=-1"], 1, r"augment\.grayscale=-1\.0 is a probability and must be in \[0, 1\]"),
+    (["augment.large.scale=[0.9,0.1]"], 1, r"augment\.large\.scale=\[0\.9, 0\.1\] must be \[low, high\] with 0 <"),
+    (["augment.large.scale=[0,0]"], 1, r"augment\.large\.scale=\[0\.0, 0\.0\] must be \[low, high\] with 0 <"),
+    (["augment.blur.sigma=[-1,2]"], 1, r"augment\.blur\.sigma=\[-1\.0, 2\.0\] must be \[low, high\] with 0 <"),
+    (["trainer.max_steps=-5"], 1, r"trainer\.max_steps=-5 must be > 0, or -1"),
+    (["seed=-1"], 1, r"seed=-1 must be in \[0, 4294967295\]"),
+    (["method.momentum_schedule=linear", "method=moco"], 1, r"method\.momentum_schedule='linear'; choose one of"),
     (
         ["+augment.large.sise=8"],
         1,
@@ -248,8 +259,10 @@ def run_cli(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
             2,
             ["error: method.queue_size=1000 must be a positive multiple of the global batch (128 x 1 processes = 128)"],
         ),
+        # a value refused by the augmentation's own rule, before work: exit 2, not a traceback from inside the run
+        (["augment.large.scale=[0.9,0.1]"], 2, ["error: augment.large.scale=[0.9, 0.1] must be [low, high]"]),
     ],
-    ids=["unknown-key", "queue-size"],
+    ids=["unknown-key", "queue-size", "crop-scale"],
 )
 def test_cli_error_names_the_key_without_traceback(tmp_path, overrides, code, expected):
     result = run_cli(tmp_path, *overrides)
