@@ -268,7 +268,7 @@ def _run_job(job: dict[str, Any]) -> tuple[str, float | None, str | None]:
     try:
         summary = run_one(job)
         return job["out"], summary.get("knn_acc"), None
-    except Exception as error:  # noqa: BLE001 - one failed run must not stop the others
+    except Exception as error:  # one failed run must not stop the others
         import traceback
 
         traceback.print_exc()
@@ -276,7 +276,7 @@ def _run_job(job: dict[str, Any]) -> tuple[str, float | None, str | None]:
 
 
 def _child(job: dict[str, Any], results: Any) -> None:
-    results.put(_run_job(job))
+    results.put((os.getpid(), _run_job(job)))
 
 
 def run_jobs(jobs: list[dict[str, Any]], parallel: int):
@@ -286,13 +286,17 @@ def run_jobs(jobs: list[dict[str, Any]], parallel: int):
     import multiprocessing as mp
 
     ctx = mp.get_context("fork")
-    results, pending, running = ctx.Queue(), list(jobs), 0
+    results, pending, running = ctx.Queue(), list(jobs), []
     while pending or running:
-        while pending and running < max(parallel, 1):
-            ctx.Process(target=_child, args=(pending.pop(0), results), daemon=False).start()
-            running += 1
-        yield results.get()
-        running -= 1
+        while pending and len(running) < max(parallel, 1):
+            process = ctx.Process(target=_child, args=(pending.pop(0), results), daemon=False)
+            process.start()
+            running.append(process)
+        pid, result = results.get()
+        done = next(p for p in running if p.pid == pid)
+        done.join()  # it exits right after answering
+        running.remove(done)
+        yield result
 
 
 # -- the lightly sides ---------------------------------------------------------------------------------------------
@@ -419,17 +423,17 @@ def peer_classes():
             from contrastive.negatives.prototypes import Prototypes
 
             m = self.cfg.method
-            self.projector = adopt(SwaVProjectionHead(self.feature_dim, m.proj_hidden_dim, m.proj_out_dim), self.projector)
-            with torch.random.fork_rng():  # the project's starting prototypes, drawn from the same stream
+            # the project's starting prototypes, drawn where the project's SwAV draws them: before any lightly module
+            with torch.random.fork_rng():
                 start = Prototypes(m.proj_out_dim, m.num_prototypes).weight.detach().clone()
+            head = SwaVProjectionHead(self.feature_dim, m.proj_hidden_dim, m.proj_out_dim)
+            self.projector = adopt(head, self.projector)
             # -1: the whole first epoch, set when the epoch's length is known (on_train_start)
             freeze = max(m.freeze_prototypes_steps, 0)
             self.prototypes = SwaVPrototypes(m.proj_out_dim, m.num_prototypes, n_steps_frozen_prototypes=freeze)
             with torch.no_grad():
                 self.prototypes.heads[0].weight.copy_(start)
-            self.criterion = SwaVLoss(
-                temperature=m.temperature, sinkhorn_iterations=m.sinkhorn_iterations, sinkhorn_epsilon=m.sinkhorn_epsilon
-            )
+            self.criterion = SwaVLoss(m.temperature, m.sinkhorn_iterations, m.sinkhorn_epsilon)
             self.float64 = float64
 
         def on_train_start(self) -> None:
@@ -455,6 +459,50 @@ def peer_classes():
         ("moco", "lightly"): LightlyMoCo,
         ("swav", "lightly"): LightlySwAV,
     }
+
+
+def own_key_share(ckpt: str | None, data_root: str, batches: int = 4, seed: int = 0) -> dict[str, float]:
+    """lightly #564, measured: the lightly MoCo side (from ``ckpt``, or at initialisation) on augmented training
+    batches, its queue first filled with keys of other batches as in training. In lightly's symmetric step the second
+    term's queue holds the first term's keys, each query's own key (its view through the momentum encoder) among
+    them. Returns the mean softmax probability that term gives the positive and the own key, and the term's loss with
+    the own keys among the negatives (lightly) and without them (the project: enqueued after both terms)."""
+    import torch
+    import torch.nn.functional as F
+    from omegaconf import OmegaConf
+
+    from contrastive.data.datamodule import ContrastiveDataModule
+
+    cfg = OmegaConf.create(compose("moco", seed, 1, data_root))
+    torch.manual_seed(seed)
+    dm = ContrastiveDataModule(cfg.data, seed=seed)
+    dm.setup("fit")
+    model = PEERS[("moco", "lightly")](cfg, dm.num_train)
+    if ckpt:
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+        model.load_state_dict(state, strict=False)  # lightly's queue is a non-persistent buffer: refilled below
+    m, n = cfg.method, int(cfg.data.batch_size)
+    loader = iter(dm.loader(dm.train_set, train=True))
+    out = {"p_positive": 0.0, "p_own_key": 0.0, "loss_lightly": 0.0, "loss_project": 0.0}
+    with torch.no_grad():
+        fill = [model.keys(model.augment(next(loader)[0])[0]) for _ in range(m.queue_size // n)]
+        queue = F.normalize(torch.cat(fill), dim=1)
+        for _ in range(batches):
+            v0, v1 = model.augment(next(loader)[0])
+            q1 = F.normalize(model.projector(model.backbone(v1)), dim=1)
+            k0, k1 = F.normalize(model.keys(v0), dim=1), F.normalize(model.keys(v1), dim=1)
+            pos = (q1 * k0).sum(1, keepdim=True)
+            # lightly: the first term wrote k1 over the oldest n entries before the second term read the queue
+            lightly_logits = torch.cat([pos, q1 @ k1.T, q1 @ queue[n:].T], 1) / m.temperature
+            project_logits = torch.cat([pos, q1 @ queue.T], 1) / m.temperature
+            p = lightly_logits.softmax(1)
+            target = torch.zeros(n, dtype=torch.long)
+            out["p_positive"] += float(p[:, 0].mean()) / batches
+            out["p_own_key"] += float(p[:, 1:][torch.arange(n), torch.arange(n)].mean()) / batches
+            out["loss_lightly"] += float(F.cross_entropy(lightly_logits, target)) / batches
+            out["loss_project"] += float(F.cross_entropy(project_logits, target)) / batches
+            queue = torch.cat([queue[n:], k1, k0])[-m.queue_size :]
+    return out
 
 
 class _Peers(dict):
@@ -547,7 +595,9 @@ def build_pairs(found: dict[tuple[str, str, int], dict[str, Any]]) -> list[Pair]
             seeds = sorted(
                 s
                 for (m, c, s) in found
-                if m == method and c == contender and (method, "project", s) in found
+                if m == method
+                and c == contender
+                and (method, "project", s) in found
                 and found[(m, c, s)].get("knn_acc") is not None
                 and found[(method, "project", s)].get("knn_acc") is not None
             )
@@ -576,11 +626,13 @@ def report(runs: Path, out: Path, margin: float, command: str) -> str:
     pairs = build_pairs(found)
     comparisons = compare_pairs(pairs, margin) if pairs else []
     epochs = sorted({v.get("epochs") for v in found.values()})
+    steps = sorted({v.get("global_steps") for v in found.values()})
     lines = [
         "# Each method against lightly, trained the same way (issue 32)",
         "",
         f"`{command}`: CIFAR-10 CPU benchmark split (8,000 training / 2,000 evaluation images of the CIFAR-10 test "
         f"set), small CNN, batch 128, SGD and the warm-up + cosine schedule of the recipe, {epochs} epochs "
+        f"({steps} optimiser steps) "
         "(shorter than the benchmark's 20; both sides identical). kNN: this project's weighted kNN (k 200, T 0.1) "
         "on the same evaluation images for every contender. Verdicts: lightly - project, paired by seed, two "
         f"one-sided tests within ±{margin:g} kNN points at 0.05, Holm over the pairs.",
@@ -671,7 +723,7 @@ def plot(found: dict[tuple[str, str, int], dict[str, Any]], path: Path) -> None:
     for ax, method in zip(axes[0], methods):
         for contender in CONTENDERS[method]:
             runs = [(s, v) for (m, c, s), v in sorted(found.items()) if m == method and c == contender]
-            for i, (seed, summary) in enumerate(runs):
+            for i, (_seed, summary) in enumerate(runs):
                 ys = curve(summary)
                 ax.plot(
                     range(1, len(ys) + 1),
@@ -707,6 +759,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--swav-float32", action="store_true", help="lightly's Sinkhorn on float32 scores, as it is")
     p.add_argument("--lightly", default=LIGHTLY_PYTHON, help="the Python with lightly (default: .venv-lightly)")
     p.add_argument("--limit-batches", type=int, default=0, help="smoke test: this many batches per epoch")
+    p.add_argument("--own-key", metavar="CKPT|init", help="measure lightly #564 on the lightly MoCo side and exit")
     p.add_argument("--install-lightly", action="store_true", help="make .venv-lightly and exit")
     p.add_argument("--report-only", action="store_true", help="table and plot from the finished runs")
     return p.parse_args(argv)
@@ -720,7 +773,8 @@ def jobs_for(args: argparse.Namespace) -> list[dict[str, Any]]:
     jobs = []
     for seed in (int(s) for s in args.seeds.split(",")):
         for method in methods:
-            cfg = compose(method, seed, args.epochs, args.data_root, args.limit_batches)  # composed once: later edits of conf/ cannot mix in
+            # composed once, here: later edits of conf/ cannot reach a run that starts later
+            cfg = compose(method, seed, args.epochs, args.data_root, args.limit_batches)
             for contender in CONTENDERS[method]:
                 options = {}
                 if contender == "lightly_pipeline":
@@ -746,7 +800,10 @@ def main(argv: list[str] | None = None) -> int:
             os.execv(args.lightly, [args.lightly, str(Path(__file__).resolve()), *sys.argv[1:]])
         print(how_to_get_lightly(args.lightly), file=sys.stderr)
         return MISSING_LIGHTLY
-    sys.path.insert(0, str(ROOT))
+    if args.own_key:
+        share = own_key_share(None if args.own_key == "init" else args.own_key, args.data_root)
+        print(json.dumps({k: round(v, 4) for k, v in share.items()}))
+        return 0
     jobs = jobs_for(args)
     start = time.perf_counter()
     print(f"{len(jobs)} runs, {args.jobs} at a time, into {args.runs}", flush=True)

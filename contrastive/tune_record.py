@@ -92,7 +92,7 @@ def read_sweep(sweep: Path) -> Study:
         if "optuna" not in str(hydra_cfg.sweeper.get("_target_", "")).lower():
             target = hydra_cfg.sweeper.get("_target_")
             raise TuningError(f"{folder}: not a trial of the Optuna sweeper (hydra.sweeper._target_={target})")
-        space = dict(hydra_cfg.sweeper.params or {})
+        space = dict(hydra_cfg.sweeper.get("params") or {})
         task = {o.split("=", 1)[0].lstrip("+"): o.split("=", 1)[1] for o in hydra_cfg.overrides.task if "=" in o}
         params = {key: _value(task[key]) for key in space if key in task}
         metrics_path, record_path = folder / "metrics.json", folder / ".hydra" / "contrastive_exit.json"

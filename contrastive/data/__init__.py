@@ -13,10 +13,10 @@ def check_config(cfg: Any) -> None:
     built once here, so each of their rules (stated where they are built) refuses a bad value before work starts."""
     from contrastive.data.augment import build_augment, build_eval_transform
     from contrastive.data.crops import CROP_SOURCES
-    from contrastive.data.datasets import LOADERS
+    from contrastive.data.datasets import check_name
 
     data, m = cfg.data, cfg.method
-    require(data.name in LOADERS, f"data.name={data.name!r} is not known; choose one of {', '.join(LOADERS)}")
+    check_name(data.name)
     require(data.batch_size > 0, f"data.batch_size={data.batch_size} must be > 0")
     in_batch = ", and in-batch negatives (method.negatives=batch) need other samples in the batch"
     require(
@@ -34,8 +34,8 @@ def check_config(cfg: Any) -> None:
     _check_fractions(data)
     _check_crop_sizes(cfg)
     try:
+        build_augment(cfg.augment, data, m.num_views, m.num_small_views)  # first: it knows data.channels
         build_eval_transform(data)
-        build_augment(cfg.augment, data, m.num_views, m.num_small_views)
     except ConfigError:
         raise
     except ValueError as err:  # the augmentations' own rules name the key

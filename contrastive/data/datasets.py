@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset, Subset, default_collate, get_worker_info
 
-from contrastive.errors import DataError, DataWarning
+from contrastive.errors import DataError, DataWarning, require
 
 
 class ImageBatch(Sequence):
@@ -682,14 +682,17 @@ def check_labels(train: Any, val: Any, data_cfg: Any, test: Any = None) -> None:
         )
 
 
+def check_name(name: str) -> None:
+    require(name in LOADERS, f"data.name={name!r} is not known; choose one of {', '.join(LOADERS)}")
+
+
 def load_splits(data_cfg: Any, with_test: bool = False) -> tuple[Dataset, ...]:
     """(train, validation) for ``data_cfg.name``; train serves self-supervised training (labels only for
     monitoring). ``with_test``: (train, validation, test), test None unless ``data.test_fraction > 0``. A pool of
     images (digits, synthetic, an npz of images + labels, mnist's test_split) is split three ways by the fractions;
     a set with its own held-out set (cifar, stl10, mnist, MedMNIST npz, imagefolder's val/) keeps that set as the
     test split and takes validation from its training set (``data.val_fraction`` of it)."""
-    if data_cfg.name not in LOADERS:
-        raise DataError(f"data.name={data_cfg.name!r} is not known; choose one of {', '.join(LOADERS)}")
+    check_name(data_cfg.name)
     sets = LOADERS[data_cfg.name](data_cfg)
     if len(sets) == 3:
         train, val, test = sets

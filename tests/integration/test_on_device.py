@@ -72,7 +72,9 @@ def test_a_set_that_is_not_in_memory_is_refused_before_training(tmp_path, monkey
     real = datamodule.load_splits
     # as a lazily decoded folder would be: a data set that is not one uint8 tensor
     monkeypatch.setattr(
-        datamodule, "load_splits", lambda cfg: tuple(torch.utils.data.Subset(d, range(len(d))) for d in real(cfg))
+        datamodule,
+        "load_splits",
+        lambda cfg, **kw: tuple(d if d is None else torch.utils.data.Subset(d, range(len(d))) for d in real(cfg, **kw)),
     )
     fitted = []
     monkeypatch.setattr("lightning.Trainer.fit", lambda *a, **k: fitted.append(1))

@@ -84,3 +84,55 @@ def test_without_lightly_it_says_how_to_get_it_and_exits_non_zero(tmp_path):
     assert done.returncode == peer.MISSING_LIGHTLY
     assert "--install-lightly" in done.stderr and "not a dependency" in done.stderr
     assert not (tmp_path / "runs").exists()  # nothing trained
+
+
+# -- with lightly (its own venv): .venv-lightly/bin/python -m pytest -m slow tests/integration/test_peer.py ----------
+needs_lightly = pytest.mark.skipif(importlib.util.find_spec("lightly") is None, reason="lightly is not importable")
+DATA = ROOT.parent / "shared" / "data"
+
+
+def built_pair(method):
+    import lightning as L
+    from omegaconf import OmegaConf
+
+    from contrastive import methods
+
+    cfg = OmegaConf.create(peer.compose(method, 0, 2, str(DATA)))
+    L.seed_everything(0, verbose=False)
+    project = methods.build_method(cfg, 8000)
+    L.seed_everything(0, verbose=False)
+    return cfg, project, peer.PEERS[(method, "lightly")](cfg, 8000)
+
+
+def one_step(model):
+    import torch
+
+    from contrastive.negatives.base import Step
+
+    gen = torch.Generator().manual_seed(1)
+    views = [torch.randn(128, 3, 32, 32, generator=gen) for _ in range(2)]
+    return model.contrastive_loss(views, Step(torch.arange(128), torch.zeros(128, dtype=torch.long), 0, 0, None)).loss
+
+
+@pytest.mark.slow
+@needs_lightly
+@pytest.mark.skipif(not (DATA / "cifar10" / "cifar10_test.npz").is_file(), reason="no CIFAR-10 archive")
+def test_lightly_sides_start_from_the_project_init_and_simclr_steps_alike():
+    """Same start for every pair; SimCLR's step is the same loss and gradient, so its runs differ only by rounding
+    amplified over training (noise); SwAV's differs by lightly's prototype bias."""
+    import torch
+
+    for method in ("simclr", "moco", "swav"):
+        _, project, lightly = built_pair(method)
+        for x, y in zip(project.backbone.state_dict().values(), lightly.backbone.state_dict().values()):
+            assert torch.equal(x, y)
+        for x, y in zip(project.projector.state_dict().values(), lightly.projector.layers.state_dict().values()):
+            assert torch.equal(x, y)
+    assert torch.equal(project.prototypes.weight, lightly.prototypes.heads[0].weight)
+    _, project, lightly = built_pair("simclr")
+    a, b = one_step(project), one_step(lightly)
+    a.backward()
+    b.backward()
+    assert torch.allclose(a, b, rtol=1e-6)
+    for p, q in zip(project.backbone.parameters(), lightly.backbone.parameters()):
+        assert (p.grad - q.grad).abs().max() <= 1e-4 * p.grad.abs().max()  # float rounding only

@@ -24,7 +24,11 @@ def study_commands() -> list[list[str]]:
         check=True,
         env=env,
     ).stdout.replace("\\\n", " ")
-    return [shlex.split(line)[3:] for line in out.splitlines() if "-m contrastive.train" in line]
+    # the tuning stage (make tune, a loop over the methods: tests/integration/test_tuning.py) comes first
+    lines = out.splitlines()
+    tuning = [i for i, line in enumerate(lines) if "experiment=tune_cifar10_cpu" in line]
+    assert tuning and tuning[0] < min(i for i, line in enumerate(lines) if "experiment=compare_cifar10_cpu" in line)
+    return [shlex.split(line)[3:] for line in lines if "-m contrastive.train" in line and "+tune=" not in line]
 
 
 def test_every_study_command_composes_and_validates():

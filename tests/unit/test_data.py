@@ -25,6 +25,7 @@ from contrastive.data.datasets import (
     read_idx,
     split_indices,
 )
+from contrastive.errors import ConfigError
 
 MNIST_RAW = Path(__file__).resolve().parents[3] / "shared" / "data" / "MNIST" / "raw"
 needs_mnist = pytest.mark.skipif(
@@ -192,7 +193,7 @@ def test_missing_files_inside_root_named(tmp_path, name, needed):
 
 
 def test_unknown_name_lists_allowed():
-    with pytest.raises(DataError) as err:
+    with pytest.raises(ConfigError) as err:  # the data check's own rule, also run before any work
         load_splits(data_cfg(name="imagenette"))
     for allowed in ("digits", "synthetic", "mnist", "cifar10", "cifar100", "stl10", "imagefolder"):
         assert allowed in str(err.value)
