@@ -630,9 +630,9 @@ def report(runs: Path, out: Path, margin: float, command: str) -> str:
     lines = [
         "# Each method against lightly, trained the same way (issue 32)",
         "",
-        f"`{command}`: CIFAR-10 CPU benchmark split (8,000 training / 2,000 evaluation images of the CIFAR-10 test "
-        f"set), small CNN, batch 128, SGD and the warm-up + cosine schedule of the recipe, {epochs} epochs "
-        f"({steps} optimiser steps) "
+        f"`{command}`, from the runs in `{runs}`: CIFAR-10 CPU benchmark split (8,000 training / 2,000 evaluation "
+        f"images of the CIFAR-10 test set), small CNN, batch 128, SGD and the warm-up + cosine schedule of the "
+        f"recipe, {epochs} epochs ({steps} optimiser steps) "
         "(shorter than the benchmark's 20; both sides identical). kNN: this project's weighted kNN (k 200, T 0.1) "
         "on the same evaluation images for every contender. Verdicts: lightly - project, paired by seed, two "
         f"one-sided tests within ±{margin:g} kNN points at 0.05, Holm over the pairs.",
@@ -670,7 +670,12 @@ def report(runs: Path, out: Path, margin: float, command: str) -> str:
                 "wall_s": wall,
             }
         )
-    lines += ["", "Per-epoch kNN (mean over seeds):", ""]
+    lines += [
+        "",
+        "Per-epoch kNN (mean over seeds), the training flow's monitor (a run with `--limit-batches N` monitors on N "
+        "batches of each evaluation loader; its final kNN above uses them whole):",
+        "",
+    ]
     for method in METHODS:
         for contender in CONTENDERS[method]:
             curves = [curve(v) for (m, c, _), v in sorted(found.items()) if m == method and c == contender]

@@ -98,7 +98,11 @@ REJECTED = [
     # refused before work (they used to fail inside the run, exit 1 with a traceback)
     (["optim.lr=${optim.nope}"], 1, r"optim\.lr cannot be resolved: Interpolation key 'optim\.nope' not found$"),
     (["data.std=[0]"], 1, r"data\.std=\[0\.0\] must be > 0"),
-    (["data.mean=[0.5,0.5]", "data.std=[0.5]"], 1, r"data\.mean=\[0\.5, 0\.5\] and std=\[0\.5\] need one value per channel \(1\)"),
+    (
+        ["data.mean=[0.5,0.5]", "data.std=[0.5]"],
+        1,
+        r"data\.mean=\[0\.5, 0\.5\] and std=\[0\.5\] need one value per channel \(1\)",
+    ),
     (["augment.grayscale=-1"], 1, r"augment\.grayscale=-1\.0 is a probability and must be in \[0, 1\]"),
     (["augment.large.scale=[0.9,0.1]"], 1, r"augment\.large\.scale=\[0\.9, 0\.1\] must be \[low, high\] with 0 <"),
     (["augment.large.scale=[0,0]"], 1, r"augment\.large\.scale=\[0\.0, 0\.0\] must be \[low, high\] with 0 <"),
