@@ -154,7 +154,7 @@ def tiny_report(tmp_path_factory) -> dict:
 
 def test_tiny_run_reports_every_contender_consistently(tiny_report):
     s, results = tiny_report["settings"], tiny_report["results"]
-    assert list(results) == [*bench.METHODS, "swav_2crop", "bare"]
+    assert list(results) == [*bench.registered_methods(), "swav_2crop", "bare"]
     for r in results.values():
         assert r["step_s"] == pytest.approx(statistics.median(x["step_s"] for x in r["rounds"]), abs=1e-5)
         assert r["step_s"] > 0 and r["images_per_sec"] == pytest.approx(s["batch"] / r["step_s"], rel=1e-3)
@@ -201,7 +201,7 @@ def test_tiny_run_reports_flops_and_utilisation(tiny_report):
 def test_no_method_step_makes_the_host_wait_for_the_device(tiny_report):
     """The audited step of every method: nothing in the methods or Lightning's per-step logging reads a device
     value back (the remaining sites, if any, are in shared loss and metric functions)."""
-    for method in bench.METHODS:
+    for method in bench.registered_methods():
         sites = tiny_report["results"][method]["sync_sites"]
         assert not [site for site in sites if any(part in site for part in OWN_STEP_CODE)], (method, sites)
 
@@ -256,7 +256,7 @@ def test_tiny_run_on_the_gpu(tmp_path):
     report, _ = run_bench(["--device", "cuda", "--tiny", "--lightly", "none"], out, timeout=900, one_thread=False)
     assert {"cpu_aug", "bare", "simclr"} <= set(report["results"])
     assert report["results"]["simclr"]["epoch_s"] > 0 and "simclr_vs_cpu_aug" in report["ratios"]
-    for method in bench.METHODS:
+    for method in bench.registered_methods():
         sites = report["results"][method]["sync_sites"]
         assert not [site for site in sites if any(part in site for part in OWN_STEP_CODE)], (method, sites)
 
@@ -308,7 +308,7 @@ def test_bench_gpu_dry_run_on_the_cpu(tmp_path):
     s, results, ratios = report["settings"], report["results"], report["ratios"]
     assert s["precision"] == "bf16-mixed" and s["channels_last"] and s["epoch"] and s["epoch_compile"]
     assert s["on_device"]
-    assert list(results) == [*bench.METHODS, "swav_2crop", "bare", "cpu_aug"]
+    assert list(results) == [*bench.registered_methods(), "swav_2crop", "bare", "cpu_aug"]
     simclr = results["simclr"]
     for prefix in ("", "compiled_"):
         assert simclr[f"{prefix}epoch_s"] > 0 and simclr[f"{prefix}epoch_peak_mem_mb"] > 0

@@ -247,12 +247,12 @@ def test_banks_and_queues_identical_on_every_rank_and_equal_to_one_process(runs,
         for r in ranks:
             got = r["buffers"][key]
             assert got.shape == want.shape and torch.allclose(got, want, rtol=1e-5, atol=1e-5, equal_nan=True), key
-    if "queue.keys" in single["buffers"]:
+    if "negatives.queue.keys" in single["buffers"]:
         # the step enqueued the whole global batch in sample order (rank 0's keys, then rank 1's)
-        assert int(single["buffers"]["queue.ptr"]) == WORLD * B
-        assert torch.equal(single["buffers"]["queue.index"][: WORLD * B], runs["inputs"][name]["index"])
-    if "bank.written_at" in single["buffers"]:
-        assert int((single["buffers"]["bank.written_at"] >= 0).sum()) == WORLD * B
+        assert int(single["buffers"]["negatives.queue.ptr"]) == WORLD * B
+        assert torch.equal(single["buffers"]["negatives.queue.index"][: WORLD * B], runs["inputs"][name]["index"])
+    if "negatives.bank.written_at" in single["buffers"]:
+        assert int((single["buffers"]["negatives.bank.written_at"] >= 0).sum()) == WORLD * B
 
 
 def test_bank_init_pass_fills_the_same_bank_on_every_rank_as_one_process(runs):
@@ -267,13 +267,13 @@ def test_bank_init_pass_fills_the_same_bank_on_every_rank_as_one_process(runs):
 def test_swav_per_process_queue_holds_that_process_embeddings(runs):
     """Each rank enqueues its own large-crop embeddings; together they are what one process enqueues."""
     single, ranks = runs["single"]["swav_queue"], [r["swav_queue"] for r in runs["ranks"]]
-    new_single = single["buffers"]["queue.features"][:, : WORLD * B]
+    new_single = single["buffers"]["prototypes.queue.features"][:, : WORLD * B]
     for rank, r in enumerate(ranks):
-        queue = r["buffers"]["queue.features"]
+        queue = r["buffers"]["prototypes.queue.features"]
         close(queue[:, :B], new_single[:, rank * B : (rank + 1) * B])
-        assert int(r["buffers"]["queue.ptr"]) == B
+        assert int(r["buffers"]["prototypes.queue.ptr"]) == B
     assert not torch.allclose(
-        ranks[0]["buffers"]["queue.features"][:, :B], ranks[1]["buffers"]["queue.features"][:, :B]
+        ranks[0]["buffers"]["prototypes.queue.features"][:, :B], ranks[1]["buffers"]["prototypes.queue.features"][:, :B]
     )
 
 

@@ -43,21 +43,21 @@ def dry_run(target: str, **env: str) -> list[str]:
 def test_without_an_active_venv_make_creates_and_uses_the_project_venv():
     lines = dry_run("install")
     assert lines[0] == "python3 -m venv .venv"
-    assert lines[1] == ".venv/bin/python -m pip install -q -c constraints.txt -e '.[dev]'"
+    assert lines[1] == ".venv/bin/python -m pip install -q -c constraints.txt -e '.[dev,tune]'"
 
 
 @needs_make
 def test_an_active_venv_is_used_as_it_is(tmp_path):
     lines = dry_run("test", VIRTUAL_ENV=str(tmp_path))
     assert not any("-m venv" in line for line in lines)
-    assert lines[0] == f"{tmp_path}/bin/python -m pip install -q -c constraints.txt -e '.[dev]'"
+    assert lines[0] == f"{tmp_path}/bin/python -m pip install -q -c constraints.txt -e '.[dev,tune]'"
     assert lines[1] == f"{tmp_path}/bin/python -m pytest -q"
 
 
 @needs_make
 def test_python_overrides_both():
     lines = dry_run("install", PYTHON="/opt/py/bin/python3", VIRTUAL_ENV="/elsewhere")
-    assert lines == ["/opt/py/bin/python3 -m pip install -q -c constraints.txt -e '.[dev]'"]
+    assert lines == ["/opt/py/bin/python3 -m pip install -q -c constraints.txt -e '.[dev,tune]'"]
 
 
 def test_pyproject_declares_a_range_and_constraints_pin_the_tested_pair():
@@ -68,7 +68,8 @@ def test_pyproject_declares_a_range_and_constraints_pin_the_tested_pair():
         for line in (REPO / "constraints.txt").read_text().splitlines()
         if line and not line.startswith("#")
     )
-    assert set(pins) == {"torch", "torchvision"}
+    # the tested torch pair, and the tuning extra's sweeper with the optuna it works with
+    assert set(pins) == {"torch", "torchvision", "hydra-optuna-sweeper", "optuna"}
     import torch
     import torchvision
 
