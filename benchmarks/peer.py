@@ -534,26 +534,10 @@ class LightlyViews:
 
 
 def lightly_transform(cfg: Any) -> Any:
-    """lightly's SimCLRTransform with the recipe's augmentation settings, normalised as the project's evaluation."""
-    from lightly.transforms import SimCLRTransform
+    """lightly's SimCLRTransform with the recipe's augmentation settings, as the speed benchmark builds it."""
+    from bench import lightly_views  # benchmarks/ is on the path: this script's own folder
 
-    a, d = cfg.augment, cfg.data
-    jitter = a.color_jitter
-    return SimCLRTransform(
-        input_size=a.large.size,
-        cj_prob=jitter.p,
-        cj_strength=1.0,
-        cj_bright=jitter.brightness,
-        cj_contrast=jitter.contrast,
-        cj_sat=jitter.saturation,
-        cj_hue=jitter.hue,
-        min_scale=a.large.scale[0],
-        random_gray_scale=a.grayscale,
-        gaussian_blur=a.blur.p,
-        sigmas=tuple(a.blur.sigma),
-        hf_prob=a.hflip if d.flip else 0.0,
-        normalize={"mean": list(d.mean), "std": list(d.std)},
-    )
+    return lightly_views(cfg)
 
 
 def lightly_loader(train_set: Any, cfg: Any, workers: int) -> Any:
