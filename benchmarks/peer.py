@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import json
 import math
 import os
@@ -257,7 +258,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     summary["peer_wall_s"] = round(time.perf_counter() - start, 1)
     summary["peer_contender"] = job["contender"]
     if job["contender"] != "project":
-        import lightly
+        import lightly  # optional: the peer venv only
 
         summary["lightly_version"] = lightly.__version__
     (out / "metrics.json").write_text(json.dumps(summary, indent=2))
@@ -303,7 +304,7 @@ def run_jobs(jobs: list[dict[str, Any]], parallel: int):
 def recipe_head(cfg: Any, feature_dim: int, project_head: Any) -> Any:
     """lightly's ProjectionHead in the recipe's layout (Linear-BN-ReLU ... Linear, no output BN), starting from the
     project's head weights."""
-    from lightly.models.modules.heads import ProjectionHead
+    from lightly.models.modules.heads import ProjectionHead  # optional: the peer venv only
     from torch import nn
 
     m = cfg.method
@@ -336,7 +337,7 @@ def peer_classes():
 
         def __init__(self, cfg, num_train: int):
             super().__init__(cfg, num_train)
-            from lightly.loss import NTXentLoss
+            from lightly.loss import NTXentLoss  # optional: the peer venv only
 
             self.projector = recipe_head(self.cfg, self.feature_dim, self.projector)
             self.criterion = NTXentLoss(temperature=self.cfg.method.temperature)
@@ -368,8 +369,8 @@ def peer_classes():
 
         def __init__(self, cfg, num_train: int):
             super().__init__(cfg, num_train)
-            from lightly.loss import NTXentLoss
-            from lightly.models.utils import deactivate_requires_grad
+            from lightly.loss import NTXentLoss  # optional: the peer venv only
+            from lightly.models.utils import deactivate_requires_grad  # optional: the peer venv only
 
             m = self.cfg.method
             self.projector = recipe_head(self.cfg, self.feature_dim, self.projector)
@@ -381,7 +382,7 @@ def peer_classes():
             self.criterion = NTXentLoss(temperature=m.temperature, memory_bank_size=(m.queue_size, m.proj_out_dim))
 
         def momentum(self) -> float:
-            from lightly.utils.scheduler import cosine_schedule
+            from lightly.utils.scheduler import cosine_schedule  # optional: the peer venv only
 
             m = self.cfg.method
             if m.momentum_schedule != "cosine":
@@ -391,7 +392,7 @@ def peer_classes():
 
         @torch.no_grad()
         def keys(self, x):
-            from lightly.models.utils import batch_shuffle, batch_unshuffle
+            from lightly.models.utils import batch_shuffle, batch_unshuffle  # optional: the peer venv only
 
             shuffled, order = batch_shuffle(x)
             splits = max(1, min(self.cfg.method.bn_splits, len(x) // 2)) if self.cfg.method.shuffle_bn else 1
@@ -399,7 +400,7 @@ def peer_classes():
             return batch_unshuffle(keys, order)
 
         def contrastive_loss(self, views, step):
-            from lightly.models.utils import update_momentum
+            from lightly.models.utils import update_momentum  # optional: the peer venv only
 
             m = self.momentum()
             update_momentum(self.backbone, self.backbone_momentum, m)
@@ -417,8 +418,8 @@ def peer_classes():
 
         def __init__(self, cfg, num_train: int, float64: bool = True):
             super().__init__(cfg, num_train)
-            from lightly.loss import SwaVLoss
-            from lightly.models.modules import SwaVProjectionHead, SwaVPrototypes
+            from lightly.loss import SwaVLoss  # optional: the peer venv only
+            from lightly.models.modules import SwaVProjectionHead, SwaVPrototypes  # optional: the peer venv only
 
             from contrastive.negatives.prototypes import Prototypes
 
@@ -535,9 +536,11 @@ class LightlyViews:
 
 def lightly_transform(cfg: Any) -> Any:
     """lightly's SimCLRTransform with the recipe's augmentation settings, as the speed benchmark builds it."""
-    from bench import lightly_views  # benchmarks/ is on the path: this script's own folder
-
-    return lightly_views(cfg)
+    spec = importlib.util.spec_from_file_location("bench", Path(__file__).with_name("bench.py"))
+    bench = importlib.util.module_from_spec(spec)  # the speed benchmark beside this script (not installed)
+    sys.modules["bench"] = bench  # its dataclasses look their module up while it loads
+    spec.loader.exec_module(bench)
+    return bench.lightly_views(cfg)
 
 
 def lightly_loader(train_set: Any, cfg: Any, workers: int) -> Any:

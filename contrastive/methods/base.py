@@ -381,11 +381,11 @@ class InstanceDiscrimination(ContrastiveMethod):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if isinstance(self.negatives, StoredNegatives):
-            checkpoint["drift_probe"] = self.negatives.drift_state()
+            checkpoint["drift_probe"] = self.negatives.drift.state_dict()  # not a module: beside the state dict
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if isinstance(self.negatives, StoredNegatives) and "drift_probe" in checkpoint:  # older ones start it empty
-            self.negatives.load_drift_state(checkpoint["drift_probe"])
+            self.negatives.drift.load_state_dict(checkpoint["drift_probe"])
 
     @torch.no_grad()
     def encode_bank(self, negatives: BankNegatives) -> None:

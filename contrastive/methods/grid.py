@@ -10,7 +10,7 @@ from torch import Tensor
 from contrastive.methods.base import InstanceDiscrimination, StepOutput
 from contrastive.models.key_encoder import MomentumEncoder
 from contrastive.negatives import NEGATIVES
-from contrastive.negatives.base import Step, StoredNegatives
+from contrastive.negatives.base import Step
 
 
 class GridMethod(InstanceDiscrimination):
@@ -33,6 +33,5 @@ class GridMethod(InstanceDiscrimination):
         else:
             keys = {i: self.key_encoder(views[i]) for i in self.negatives.key_views(query_views, len(views))}
         loss, logs = self.negatives.loss(queries, keys, step)
-        if isinstance(self.negatives, StoredNegatives):
-            self.record_drift(step, views[self.negatives.written_view(keys)])
+        self.record_drift(step, views[self.negatives.written_view(keys)])
         return StepOutput(loss=loss, features=feats[0], logs=logs)

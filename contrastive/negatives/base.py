@@ -101,6 +101,10 @@ class Negatives(nn.Module):
         """The views whose keys this source reads (each costs a pass of a momentum key encoder)."""
         return list(range(num_views))
 
+    def written_view(self, keys: Views) -> int:
+        """The view whose keys the step writes into a stored dictionary (what its drift probe watches)."""
+        return 0
+
     def loss(self, queries: Views, keys: Views, step: Step) -> tuple[Tensor, dict[str, Tensor]]:
         """The step's loss, mean over the query views (positives: :func:`positive_of`), and figures to log. May write
         the dictionary once the loss terms are built."""
@@ -130,10 +134,6 @@ class StoredNegatives(Negatives):
     def negatives_per_query(self) -> int:
         return len(self)
 
-    def written_view(self, keys: Views) -> int:
-        """The view whose keys the last step wrote."""
-        return 0
-
     def drift_window(self, steps_per_epoch: int, global_batch: int) -> int:
         """Steps a key stays in the dictionary."""
         raise NotImplementedError
@@ -150,13 +150,6 @@ class StoredNegatives(Negatives):
         written, with its keys now."""
         if self.drift_every is not None and global_step % self.drift_every == 0:
             self.drift.record(global_step, view, key_net)
-
-    # the drift probe is not a module: checkpoints carry it beside the state dict
-    def drift_state(self) -> dict[str, Any]:
-        return self.drift.state_dict()
-
-    def load_drift_state(self, state: dict[str, Any]) -> None:
-        self.drift.load_state_dict(state)
 
     @torch.no_grad()
     def stats(self, probe: Probe) -> dict[str, float]:

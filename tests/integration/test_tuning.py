@@ -41,15 +41,14 @@ def test_a_two_trial_sweep_selects_on_validation_and_records_the_best(tmp_path):
         *("trainer.max_steps=3", "trainer.enable_progress_bar=false", "eval.fewshot_seeds=1", "backbone.width=8"),
         *("method.probe_size=16", "diagnostics=false", "data.batch_size=64"),
     ]
-    done = subprocess.run(
-        [sys.executable, "-m", "contrastive.train", "-m", *command],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+
+    def run(*args: str) -> None:
+        done = subprocess.run(
+            [sys.executable, "-m", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    run("contrastive.train", "-m", *command)
     # the sweeper ran: its study's result, and one run folder per trial with the sampler's settings
     best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     trials = sorted(sweep.glob("trial_*/metrics.json"))
@@ -64,15 +63,7 @@ def test_a_two_trial_sweep_selects_on_validation_and_records_the_best(tmp_path):
         values[path.parent.name] = metrics["knn_acc"]
     assert best["best_value"] == max(values.values())
 
-    recorded = subprocess.run(
-        [sys.executable, "-m", "contrastive.tune_record", str(sweep), "--bundle", str(bundle), "--table", str(table)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert recorded.returncode == 0, recorded.stderr[-3000:]
+    run("contrastive.tune_record", str(sweep), "--bundle", str(bundle), "--table", str(table))
     # the chosen settings, written into the bundle under a header naming the study, the table and the date
     text = bundle.read_text()
     header = " ".join(line.removeprefix("# [tuned] ") for line in text.splitlines() if line.startswith("# [tuned] "))
