@@ -45,6 +45,7 @@ from contrastive.report.tables import (
     runs_table,
     splits_line,
 )
+from contrastive.report.versus import versus_section
 
 
 def time_to_accuracy_section(groups: dict[str, list[Run]], target: float | None, out: Path) -> list[str]:
@@ -204,11 +205,13 @@ def build_report(
     out: Path | None = None,
     target: float | None = None,
     margins: Mapping[str, float] | None = None,
+    before: Path | None = None,
 ) -> Report:
     """Write ``comparison.md`` and its PNG plots into ``out`` (default: the first ``root``) and return them as a
     :class:`Report`. ``root``: a folder of runs, or several (a run folder counts as one) whose runs are compared
     together. ``target``: the kNN accuracy of the time-to-accuracy table (default: the lowest every run reaches).
-    ``margins``: equivalence margins by metric (``knn``, ``drift``, ``staleness``) over the defaults."""
+    ``margins``: equivalence margins by metric (``knn``, ``drift``, ``staleness``) over the defaults. ``before``: a
+    folder of runs of the same methods under another recipe (an older table): a section compares them per method."""
     roots = [Path(root)] if isinstance(root, (str, Path)) else [Path(r) for r in root]
     if not roots:
         raise NoRunsError("no folder given")
@@ -217,6 +220,11 @@ def build_report(
         if not found:
             raise NoRunsError(f"no run found below {r}: no readable metrics.json in it or its subfolders")
     margins = margins_with(margins)
+    before_runs: list[Run] = []
+    if before is not None:
+        before_runs = distinct_runs(load_runs(Path(before)) if Path(before).is_dir() else [])[0]
+        if not before_runs:
+            raise NoRunsError(f"--before {before}: no readable metrics.json in it or its subfolders")
     runs = [run for _, found in loaded for run in found]
     names = [run.name for run in runs]
     if len(set(names)) < len(names):  # the same sub-folder name under two roots: say which root
@@ -274,9 +282,10 @@ def build_report(
         "",
         group_table,
         "",
-        "## Plots",
-        "",
     ]
+    if before is not None:
+        lines += versus_section(before_runs, runs, f"`{before}`", _sources(loaded), margins["knn"])
+    lines += ["## Plots", ""]
     plots = [
         (
             "knn_per_epoch.png",
@@ -351,6 +360,16 @@ def main(argv: list[str] | None = None) -> int:
             f"{DEFAULT_MARGINS['staleness']:g})"
         ),
     )
+    parser.add_argument(
+        "--before",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help=(
+            "runs of the same methods under an earlier recipe (e.g. the untuned table): a section sets them beside "
+            "these per method, with each change's interval and the rankings"
+        ),
+    )
     args = parser.parse_args(argv)
     from contrastive.tune_record import TuningError, is_tuning_folder
 
@@ -377,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         parser.error(f"--margin: {err}")
     try:
-        report = build_report(args.dir, args.out, args.target, margins)
+        report = build_report(args.dir, args.out, args.target, margins, before=args.before)
     except NoRunsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -147,9 +147,10 @@ def sweep_dir(tmp_path: Path) -> Path:
     return root
 
 
-def table_rows(markdown: str) -> dict[str, dict[str, str]]:
-    """The runs table as {run: {header: cell}}."""
-    lines = markdown.split("## Runs", 1)[1].strip().splitlines()
+def table_rows(markdown: str, section: str = "## Runs") -> dict[str, dict[str, str]]:
+    """The first table after ``section`` as {first cell: {header: cell}}."""
+    lines = markdown.split(section, 1)[1].strip().splitlines()
+    lines = lines[next(i for i, line in enumerate(lines) if line.startswith("|")) :]
     header = [cell.strip() for cell in lines[0].strip("|").split("|")]
     rows = {}
     for line in lines[2:]:
@@ -698,3 +699,37 @@ def test_the_recorded_family_comes_first(tmp_path: Path) -> None:
     runs += [run("memory_bank", s, 70.0 + s, None) for s in range(3)]
     claim = survey_claims(runs)[4]
     assert claim.verdict != UNMEASURED and "MoCo better than memory bank by 5.00" in claim.evidence
+
+
+def versus_runs(root: Path, knn: dict[str, tuple[float, ...]], split: str | None, pixels: float = 30.0) -> Path:
+    for method, values in knn.items():
+        for seed, value in enumerate(values):
+            metrics = {"method": method, "knn_acc": value, "knn_acc_1shot": value / 2, "pixels_knn_acc": pixels}
+            if split is not None:
+                metrics |= {"eval_split": split, "split_sizes": {"train": 8000, "validation": 1000, split: 1000}}
+            write_run(root, f"{method}_seed{seed}", metrics, overrides=[f"method={method}", f"seed={seed}"])
+    return root
+
+
+def test_before_and_after_per_method(tmp_path: Path, capsys) -> None:
+    from scipy import stats
+
+    before = versus_runs(tmp_path / "old", {"a": (50.0, 51.0, 52.0), "b": (45.0, 46.0, 47.0)}, None)
+    after_a, after_b = (40.0, 41.5, 42.0), (46.0, 46.5, 46.0)
+    after = versus_runs(tmp_path / "new", {"a": after_a, "b": after_b}, "test", pixels=33.0)
+    assert main([str(after), "--before", str(before), "--out", str(tmp_path / "out")]) == 0
+    text = (tmp_path / "out" / "comparison.md").read_text()
+    section = text[text.index("## Before and after") : text.index("## Plots")]
+    rows = table_rows(section, "## Before and after")
+    assert rows["a"]["kNN before"] == "51.0 ± 2.5" and rows["b"]["runs before / after"] == "3 / 3"
+    # a lost ten points: Welch's interval and p, by scipy's own test
+    welch = stats.ttest_ind(after_a, (50.0, 51.0, 52.0), equal_var=False)
+    assert f"p={welch.pvalue:.2g}" in rows["a"]["kNN change"] and rows["a"]["kNN change"].endswith("**lost**")
+    assert rows["a"]["kNN change"].startswith(f"{sum(after_a) / 3 - 51.0:+.1f} [")
+    assert "within the noise" in rows["b"]["kNN change"]
+    assert "validation+test (unnamed)" in section and "on the test split (1,000 images)" in section
+    assert "before: a > b; after: b > a (changed)" in section
+    assert "a +8.2, b +13.2 (a under 10 points above)" in section
+    # a folder without runs is refused by name
+    assert main([str(after), "--before", str(tmp_path / "nothing")]) == 2
+    assert "--before" in capsys.readouterr().err

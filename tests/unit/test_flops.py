@@ -10,7 +10,7 @@ from torch import nn
 
 from contrastive.callbacks import Throughput
 from contrastive.flops_callback import FlopsCallback
-from contrastive.metrics.flops import OTHER, FlopCounter, count_flops, efficiency, matmul_peak
+from contrastive.metrics.flops import OTHER, FlopCount, FlopCounter, count_flops, efficiency, matmul_peak
 from contrastive.models import SmallCNN
 from tests.conftest import TINY, build, fit
 
@@ -110,3 +110,28 @@ def test_callback_counts_one_step_without_changing_training_and_utilisation_is_a
     assert summary["eval_flops"] > 0
     assert summary["achieved_flops"] > 0 and summary["peak_flops"] > 0
     assert 0 < summary["utilisation"] < 1
+
+
+def test_peak_is_the_best_sample_of_the_run(monkeypatch):
+    """A peak measured during a load spike at the start must not stand: every epoch's end samples it again and the
+    best sample counts, the lowest is reported beside it."""
+    from types import SimpleNamespace
+
+    import contrastive.flops_callback as fc
+
+    samples = iter([20.0, 80.0, 50.0])
+    monkeypatch.setattr(fc, "matmul_peak", lambda *a, **k: next(samples))
+    monkeypatch.setattr(fc, "low_precision_supported", lambda *a: False)
+    monkeypatch.setattr(fc, "MEASURED_PEAKS", {})
+    trainer = SimpleNamespace(
+        world_size=1, precision="32-true", estimated_stepping_batches=10, global_step=0, accumulate_grad_batches=1
+    )
+    callback = fc.FlopsCallback()
+    callback.on_train_start(trainer, SimpleNamespace(device=torch.device("cpu")))
+    callback.on_train_epoch_end(trainer, None)
+    callback.on_train_epoch_end(trainer, None)
+    callback.step, callback.step_images = FlopCount(total=400, parts={"backbone": 400}), 10
+    out = callback.summary(images_per_sec=1.0)  # 40 FLOP/s achieved
+    assert out["peak_flops"] == 80 and out["peak_flops_low"] == 20 and out["peak_samples"] == 3
+    assert out["utilisation"] == 0.5  # against the start's 20 it would read 2.0
+    assert fc.MEASURED_PEAKS[("cpu", torch.float32, callback.threads)] == 80.0

@@ -1,0 +1,114 @@
+"""Before and after: one method's runs under two recipes (untuned against tuned, an old table against a new one),
+side by side per method: each figure with its interval and split, the change with Welch's interval, the ranking on
+each side, and the distance to raw pixels."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from contrastive.report.runs import Run, _by, _values
+from contrastive.report.stats import DEFAULT_MARGINS, compare, summarize
+from contrastive.report.tables import _md_table
+
+FIGURES = [
+    ("kNN", "knn_acc"),
+    ("1-shot kNN", "knn_acc_1shot"),
+    ("10-shot kNN", "knn_acc_10shot"),
+    ("offline linear", "offline_linear_acc"),
+]
+PIXELS_GAP = 10.0  # points above raw pixels a method must keep (the fair protocol's floor)
+
+
+def _split(runs: list[Run]) -> str:
+    """The split the final figures of ``runs`` come from, with its size where recorded."""
+    names = sorted({str(run.metrics.get("eval_split") or "validation+test (unnamed)") for run in runs})
+    sizes = next((run.metrics["split_sizes"] for run in runs if isinstance(run.metrics.get("split_sizes"), dict)), {})
+    counts = {sizes.get(name) for name in names} - {None}
+    images = f" ({next(iter(counts)):,} images)" if len(counts) == 1 else ""
+    return "/".join(names) + " split" + images
+
+
+def _cell(group: list[Run], key: str) -> str:
+    values = _values(group, key)
+    if not values:
+        return "-"
+    s = summarize(values)
+    return f"{s.mean:.1f}" if s.half_width is None else f"{s.mean:.1f} ± {s.half_width:.1f}"
+
+
+def _ranking(groups: Mapping[str, list[Run]]) -> list[str]:
+    means = {m: sum(v) / len(v) for m, g in groups.items() if (v := _values(g, "knn_acc"))}
+    return sorted(means, key=means.get, reverse=True)
+
+
+def _pixels(runs: list[Run]) -> float | None:
+    return next((v for run in runs if (v := run.num("pixels_knn_acc")) is not None), None)
+
+
+def change_outcome(after: list[float], before: list[float], margin: float) -> str:
+    """The change of a kNN figure in words: lost (the interval lies below 0), gained (above 0), or unchanged
+    within the noise, by Welch's test (the two sides ran different settings, so seeds do not pair them)."""
+    c = compare(after, before, margin, names=("after", "before"), digits=1)
+    if c.p_value is None:
+        return f"{c.diff:+.1f} (no interval: one run on a side)"
+    text = f"{c.interval()} (Welch p={c.p_value:.2g})"
+    if c.direction < 0:
+        return f"{text}: **lost**"
+    if c.direction > 0:
+        return f"{text}: gained"
+    return f"{text}: within the noise" + (f", equivalent within ±{margin:g}" if c.equivalent else "")
+
+
+def versus_section(
+    before: list[Run], after: list[Run], before_name: str, after_name: str, margin: float | None = None
+) -> list[str]:
+    """Markdown lines comparing ``after`` with ``before`` per method (runs grouped by method name)."""
+    margin = DEFAULT_MARGINS["knn"] if margin is None else margin
+    by_before, by_after = _by(before, lambda r: r.method), _by(after, lambda r: r.method)
+    methods = [m for m in by_after if m in by_before]
+    lines = [
+        "## Before and after",
+        "",
+        (
+            f"Before: {before_name} (final figures on the {_split(before)}); after: {after_name} (on the "
+            f"{_split(after)}). Mean ± half-width of the 95% interval over each side's seeds; the change is "
+            "after minus before with Welch's 95% interval (the sides ran different settings, so their seeds do not "
+            "pair). Where the two sides read different images, the change also carries the difference of the images."
+        ),
+        "",
+    ]
+    if not methods:
+        return [*lines, "No method has runs on both sides.", ""]
+    rows = []
+    for method in methods:
+        b, a = by_before[method], by_after[method]
+        cells = [method, f"{len(_values(b, 'knn_acc'))} / {len(_values(a, 'knn_acc'))}"]
+        for _, key in FIGURES:
+            cells += [_cell(b, key), _cell(a, key)]
+        vb, va = _values(b, "knn_acc"), _values(a, "knn_acc")
+        cells.append(change_outcome(va, vb, margin) if va and vb else "-")
+        rows.append(cells)
+    header = ["method", "runs before / after"]
+    for name, _ in FIGURES:
+        header += [f"{name} before", f"{name} after"]
+    lines += [_md_table([*header, "kNN change"], rows), ""]
+    rank_before = _ranking({m: by_before[m] for m in methods})
+    rank_after = _ranking({m: by_after[m] for m in methods})
+    lines.append(
+        f"Ranking by kNN, before: {' > '.join(rank_before)}; after: {' > '.join(rank_after)}"
+        + (" (unchanged)." if rank_before == rank_after else " (changed).")
+    )
+    pixels = _pixels(after)
+    if pixels is not None:
+        gaps = {m: sum(v) / len(v) - pixels for m in methods if (v := _values(by_after[m], "knn_acc"))}
+        short = [m for m, gap in gaps.items() if gap < PIXELS_GAP]
+        lines.append(
+            f"Raw pixels, after: kNN {pixels:.1f}; every method's after-kNN minus it: "
+            + ", ".join(f"{m} {gap:+.1f}" for m, gap in gaps.items())
+            + (
+                f" (every method at least {PIXELS_GAP:g} points above)."
+                if not short
+                else f" ({', '.join(short)} under {PIXELS_GAP:g} points above)."
+            )
+        )
+    return [*lines, ""]
