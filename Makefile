@@ -86,7 +86,7 @@ study: tune
 		for run in $(STUDY)/$$part/*/metrics.json; do \
 			dest=results/study/$$part/$$(basename $$(dirname $$run)); mkdir -p $$dest && \
 			cp $$run $$(dirname $$run)/config.yaml $$dest/ || exit 1; done; done
-	$(PYTHON) -m contrastive.report results/study/cifar10
+	$(PYTHON) -m contrastive.report results/study/cifar10 --before results/study/cifar10_untuned
 	$(PYTHON) -m contrastive.report results/study/negatives_cifar10
 	$(PYTHON) -m contrastive.report results/study/negatives_cifar10_steps results/study/negatives_cifar10/bank_* \
 		results/study/negatives_cifar10/moco_* results/study/negatives_cifar10/e2e_64_* \

@@ -237,7 +237,8 @@ def write_bundle(study: Study, bundle: Path, table: Path, today: str) -> None:
         f"{study.name} (experiment={study.experiment}, Optuna's {study.sampler.get('_target_', '').split('.')[-1]}, "
         f"seed {study.sampler.get('seed')}{wall}): trial {best.number}, validation kNN {best.value:.2f}, "
         f"selected on the validation split only. Trial table: {table}/trials.csv. Written by `python -m "
-        f"contrastive.tune_record {study.sweep_dir}` on {today}; the lines below this block were written by hand."
+        f"contrastive.tune_record {study.sweep_dir}` on {today}"
+        + ("; the lines below this block were written by hand." if kept else ".")
     )
     # paths and commands stay whole on one line, so the header can be searched for them
     lines = textwrap.wrap(text, 120 - len(TUNED), break_long_words=False, break_on_hyphens=False)

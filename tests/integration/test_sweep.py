@@ -366,7 +366,9 @@ def test_benchmark_settings_are_the_chosen_methods():
     point = make_cfg(["experiment=negatives_sweep_cifar10", "+experiment/nsweep_cifar10=bank_64"], fast=False)
     bank = make_cfg(["experiment=compare_cifar10_cpu", "method=memory_bank"], fast=False)
     assert point.method.name == "memory_bank" and point.method.num_negatives == 64
-    assert (point.method.temperature, point.optim.lr) == (bank.method.temperature, bank.optim.lr) == (0.2, 0.015)
+    chosen = OmegaConf.load(Path(CONF_DIR) / "experiment" / "cifar10_cpu" / "memory_bank.yaml")
+    assert (point.method.temperature, point.optim.lr) == (bank.method.temperature, bank.optim.lr)
+    assert (bank.method.temperature, bank.optim.lr) == (chosen.method.temperature, chosen.optim.lr)
 
 
 if __name__ == "__main__":
