@@ -7,8 +7,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from contrastive.report.runs import Run, _by, _values
-from contrastive.report.stats import DEFAULT_MARGINS, compare, summarize
-from contrastive.report.tables import _md_table
+from contrastive.report.stats import DEFAULT_MARGINS, compare
+from contrastive.report.tables import _interval_cell, _md_table
 
 FIGURES = [
     ("kNN", "knn_acc"),
@@ -26,14 +26,6 @@ def _split(runs: list[Run]) -> str:
     counts = {sizes.get(name) for name in names} - {None}
     images = f" ({next(iter(counts)):,} images)" if len(counts) == 1 else ""
     return "/".join(names) + " split" + images
-
-
-def _cell(group: list[Run], key: str) -> str:
-    values = _values(group, key)
-    if not values:
-        return "-"
-    s = summarize(values)
-    return f"{s.mean:.1f}" if s.half_width is None else f"{s.mean:.1f} ± {s.half_width:.1f}"
 
 
 def _ranking(groups: Mapping[str, list[Run]]) -> list[str]:
@@ -84,7 +76,7 @@ def versus_section(
         b, a = by_before[method], by_after[method]
         cells = [method, f"{len(_values(b, 'knn_acc'))} / {len(_values(a, 'knn_acc'))}"]
         for _, key in FIGURES:
-            cells += [_cell(b, key), _cell(a, key)]
+            cells += [_interval_cell(b, key), _interval_cell(a, key)]
         vb, va = _values(b, "knn_acc"), _values(a, "knn_acc")
         cells.append(change_outcome(va, vb, margin) if va and vb else "-")
         rows.append(cells)
