@@ -13,7 +13,7 @@ CONSTRAINTS ?= constraints.txt
 # Threads per process: the default (all cores) oversubscribes small CPU runs.
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: install demo train test test-all study tune tune-sweeps lint clean
+.PHONY: install demo train test test-notebook test-all study tune tune-sweeps lint clean
 
 $(VENV)/bin/python:
 	$(BOOTSTRAP_PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ train: install
 
 test: install
 	$(PYTHON) -m pytest -q
+
+# The notebook end to end in a Jupyter kernel (slow: kept out of `make test`'s ten minutes; CI runs it after).
+test-notebook: install
+	$(PYTHON) -m pytest -q -m slow tests/integration/test_notebook.py
 
 # Also the slow tests (the benchmark side by side with lightly, which needs its own venv: see BENCHMARKS.md).
 test-all: install

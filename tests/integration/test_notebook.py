@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
 NOTEBOOK = Path(__file__).resolve().parents[2] / "notebooks" / "compare_architectures.ipynb"
@@ -16,6 +17,7 @@ CI_BUDGET = (
 )
 
 
+@pytest.mark.slow  # a minute or two in a Jupyter kernel: .ci/run runs it after the default suite
 def test_notebook_trains_four_methods_and_shows_the_report(tmp_path, monkeypatch):
     monkeypatch.setenv("CONTRASTIVE_NOTEBOOK_EPOCHS", "1")
     monkeypatch.setenv("CONTRASTIVE_NOTEBOOK_OUT", str(tmp_path))
