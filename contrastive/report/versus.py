@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from contrastive.report.runs import Run, _by, _values
-from contrastive.report.stats import DEFAULT_MARGINS, compare
+from contrastive.report.stats import DEFAULT_MARGINS, compare, summarize
 from contrastive.report.tables import _interval_cell, _md_table
 
 FIGURES = [
@@ -26,6 +26,24 @@ def _split(runs: list[Run]) -> str:
     counts = {sizes.get(name) for name in names} - {None}
     images = f" ({next(iter(counts)):,} images)" if len(counts) == 1 else ""
     return "/".join(names) + " split" + images
+
+
+def on_both_halves(run: Run) -> float | None:
+    """A run's kNN over its validation and test images together: its last per-epoch kNN (validation, the final
+    weights) and its final kNN (test), weighted by their sizes. Runs recorded before the three-way split were
+    evaluated on exactly that union (validation and test are the two halves of their evaluation set), so this is
+    their figure on the same images. None where the run lacks either half."""
+    sizes = run.metrics.get("split_sizes")
+    history = run.metrics.get("history") or []
+    last = history[-1].get("knn_acc") if history and isinstance(history[-1], dict) else None
+    if run.metrics.get("eval_split") != "test" or run.metrics.get("monitor_split") != "validation":
+        return None
+    if not isinstance(sizes, dict) or last is None or run.num("knn_acc") is None:
+        return None
+    n_val, n_test = sizes.get("validation"), sizes.get("test")
+    if not n_val or not n_test:
+        return None
+    return (float(last) * n_val + run.num("knn_acc") * n_test) / (n_val + n_test)
 
 
 def _ranking(groups: Mapping[str, list[Run]]) -> list[str]:
@@ -71,7 +89,10 @@ def versus_section(
     ]
     if not methods:
         return [*lines, "No method has runs on both sides.", ""]
+    # the before side read validation and test as one unnamed set: compare on those images too
+    unnamed = all(run.metrics.get("eval_split") is None for run in before)
     rows = []
+    same_rows = []
     for method in methods:
         b, a = by_before[method], by_after[method]
         cells = [method, f"{len(_values(b, 'knn_acc'))} / {len(_values(a, 'knn_acc'))}"]
@@ -80,10 +101,26 @@ def versus_section(
         vb, va = _values(b, "knn_acc"), _values(a, "knn_acc")
         cells.append(change_outcome(va, vb, margin) if va and vb else "-")
         rows.append(cells)
+        both = [v for v in map(on_both_halves, a) if v is not None]
+        if unnamed and both and vb:
+            summary = summarize(both)
+            after_cell = f"{summary.mean:.1f}" + (f" ± {summary.half_width:.1f}" if summary.half_width else "")
+            same_rows.append([method, _interval_cell(b, "knn_acc"), after_cell, change_outcome(both, vb, margin)])
     header = ["method", "runs before / after"]
     for name, _ in FIGURES:
         header += [f"{name} before", f"{name} after"]
     lines += [_md_table([*header, "kNN change"], rows), ""]
+    if same_rows:
+        lines += [
+            (
+                "On the same images: the before side's final kNN read the validation and test images as one set; the "
+                "after side's figure over that set is its last per-epoch kNN (validation, the final weights) and its "
+                "final kNN (test), weighted by their sizes."
+            ),
+            "",
+            _md_table(["method", "kNN before", "kNN after, validation + test", "change on the same images"], same_rows),
+            "",
+        ]
     rank_before = _ranking({m: by_before[m] for m in methods})
     rank_after = _ranking({m: by_after[m] for m in methods})
     lines.append(

@@ -706,7 +706,9 @@ def versus_runs(root: Path, knn: dict[str, tuple[float, ...]], split: str | None
         for seed, value in enumerate(values):
             metrics = {"method": method, "knn_acc": value, "knn_acc_1shot": value / 2, "pixels_knn_acc": pixels}
             if split is not None:
-                metrics |= {"eval_split": split, "split_sizes": {"train": 8000, "validation": 1000, split: 1000}}
+                sizes = {"train": 8000, "validation": 1000, split: 1000}
+                metrics |= {"eval_split": split, "split_sizes": sizes, "monitor_split": "validation"}
+                metrics["history"] = [{"epoch": 0, "knn_acc": 0.0}, {"epoch": 1, "knn_acc": value + 4}]
             write_run(root, f"{method}_seed{seed}", metrics, overrides=[f"method={method}", f"seed={seed}"])
     return root
 
@@ -730,6 +732,12 @@ def test_before_and_after_per_method(tmp_path: Path, capsys) -> None:
     assert "validation+test (unnamed)" in section and "on the test split (1,000 images)" in section
     assert "before: a > b; after: b > a (changed)" in section
     assert "a +8.2, b +13.2 (a under 10 points above)" in section
+    # on the images the before side read (validation + test): the last epoch's validation kNN and the test kNN
+    same = table_rows(section, "On the same images")
+    half = stats.t.ppf(0.975, 2) * stats.tstd(after_a) / 3**0.5
+    assert same["a"]["kNN after, validation + test"] == f"{sum(after_a) / 3 + 2:.1f} ± {half:.1f}"
+    welch_same = stats.ttest_ind([v + 2 for v in after_a], (50.0, 51.0, 52.0), equal_var=False)
+    assert f"p={welch_same.pvalue:.2g}" in same["a"]["change on the same images"]
     # a folder without runs is refused by name
     assert main([str(after), "--before", str(tmp_path / "nothing")]) == 2
     assert "--before" in capsys.readouterr().err
