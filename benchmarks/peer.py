@@ -608,6 +608,16 @@ def fmt_summary(values: list[float]) -> str:
     return f"{s.mean:.2f}" if s.half_width is None else f"{s.mean:.2f} ± {s.half_width:.2f}"
 
 
+def describe_splits(found: dict) -> str:
+    """The splits the runs trained and were read on, from their metrics.json (older runs name no split)."""
+    runs = list(found.values())
+    sizes, final, monitor = (runs[0].get(k) for k in ("split_sizes", "eval_split", "monitor_split"))
+    if not sizes or any(r.get("split_sizes") != sizes or r.get("eval_split") != final for r in runs):
+        return "8,000 training / 2,000 evaluation images" if not sizes else "splits differing between runs"
+    named = " / ".join(f"{n:,} {name}" for name, n in sizes.items())
+    return f"{named}; per-epoch kNN on {monitor}, final kNN on {final}"
+
+
 def report(runs: Path, out: Path, margin: float, command: str) -> str:
     found = load_runs(runs)
     pairs = build_pairs(found)
@@ -617,11 +627,11 @@ def report(runs: Path, out: Path, margin: float, command: str) -> str:
     lines = [
         "# Each method against lightly, trained the same way (issue 32)",
         "",
-        f"`{command}`, from the runs in `{runs}`: CIFAR-10 CPU benchmark split (8,000 training / 2,000 evaluation "
-        f"images of the CIFAR-10 test set), small CNN, batch 128, SGD and the warm-up + cosine schedule of the "
+        f"`{command}`, from the runs in `{runs}`: CIFAR-10 CPU benchmark split ({describe_splits(found)} of the "
+        f"CIFAR-10 test set), small CNN, batch 128, SGD and the warm-up + cosine schedule of the "
         f"recipe, {epochs} epochs ({steps} optimiser steps) "
         "(shorter than the benchmark's 20; both sides identical). kNN: this project's weighted kNN (k 200, T 0.1) "
-        "on the same evaluation images for every contender. Verdicts: lightly - project, paired by seed, two "
+        "on the same images for every contender. Verdicts: lightly - project, paired by seed, two "
         f"one-sided tests within ±{margin:g} kNN points at 0.05, Holm over the pairs.",
         "",
         "| method | level | seeds | project kNN | lightly kNN | lightly - project [95% CI] | TOST p (Holm) "

@@ -52,6 +52,8 @@ def fake_run(folder: Path, knn: float, curve: list[float], wall: float) -> None:
     folder.mkdir(parents=True)
     history = [{"epoch": i, "knn_acc": v} for i, v in enumerate(curve)]
     summary = {"knn_acc": knn, "history": history, "peer_wall_s": wall, "epochs": len(curve)}
+    summary |= {"split_sizes": {"train": 80, "validation": 10, "test": 10}}
+    summary |= {"eval_split": "test", "monitor_split": "validation"}
     (folder / "metrics.json").write_text(json.dumps(summary))
 
 
@@ -69,6 +71,7 @@ def test_report_from_run_folders(tmp_path):
     assert table["runs"]["simclr/lightly/seed1"]["curve"] == [40, 45.5, 50.5]
     assert (out / "curves.png").stat().st_size > 0 and (out / "README.md").read_text() == text
     assert "memory_bank: no peer" in text and "#564" in text
+    assert "80 train / 10 validation / 10 test; per-epoch kNN on validation, final kNN on test" in text
 
 
 @pytest.mark.skipif(importlib.util.find_spec("lightly") is not None, reason="lightly is importable here")
