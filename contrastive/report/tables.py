@@ -134,10 +134,10 @@ def splits_line(runs: list[Run]) -> str:
     unnamed = "validation (two splits, recorded before names)"
     evals = Counter(str(run.metrics.get("eval_split") or unnamed) for run in runs)
     sizes = next((run.metrics["split_sizes"] for run in runs if isinstance(run.metrics.get("split_sizes"), dict)), None)
-    named = ", ".join(f"{split} for {n} run{'s' if n > 1 else ''}" for split, n in evals.items())
+    named = "; ".join(f"the **{split}** split ({n} run{'s' if n > 1 else ''})" for split, n in evals.items())
     text = (
-        f"Splits: the final figures (kNN, few-shot, linear probes, raw pixels, initialisation, stages) are on the "
-        f"**{named}** split; the per-epoch kNN and online probe on validation; the kNN bank is the training split."
+        f"Splits: the final figures (kNN, few-shot, linear probes, raw pixels, initialisation, stages) are on "
+        f"{named}; the per-epoch kNN and online probe on validation; the kNN bank is the training split."
     )
     if len(evals) > 1:
         text += " The runs were evaluated on different splits: compare their figures with care."

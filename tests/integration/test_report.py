@@ -741,3 +741,17 @@ def test_before_and_after_per_method(tmp_path: Path, capsys) -> None:
     # a folder without runs is refused by name
     assert main([str(after), "--before", str(tmp_path / "nothing")]) == 2
     assert "--before" in capsys.readouterr().err
+
+
+def test_splits_line_names_each_split_with_its_runs():
+    from contrastive.report.runs import Run
+    from contrastive.report.tables import splits_line
+
+    sizes = {"train": 80, "validation": 10, "test": 10}
+    runs = [Run(f"r{i}", Path("."), {"eval_split": "test", "split_sizes": sizes}, {}) for i in range(3)]
+    line = splits_line(runs)
+    assert "on the **test** split (3 runs);" in line and "different splits" not in line
+    assert "Images: train 80, validation 10, test 10." in line
+    mixed = splits_line([*runs, Run("old", Path("."), {}, {})])
+    assert "the **test** split (3 runs); the **validation (two splits, recorded before names)** split (1 run)" in mixed
+    assert "compare their figures with care" in mixed
