@@ -221,6 +221,8 @@ def overrides(method: str, seed: int, epochs: int, data_root: str, limit: int = 
         "eval.init=false",  # both sides start from the same encoder
         "eval.pixels=false",
         "diagnostics=false",  # dictionary figures the lightly side has no module for
+        "eval.shots=[]",  # the verdict reads the final kNN alone
+        "eval.linear_epochs=0",
     ]
 
 
