@@ -174,12 +174,16 @@ def _mean_cell(group: list[Run], key: str) -> str:
     return _fmt(_mean(values), 0 if key == "negatives_per_query" else 1) if values else "-"
 
 
-def _interval_cell(group: list[Run], key: str) -> str:
-    values = _values(group, key)
+def interval_text(values: list[float]) -> str:
+    """Mean ± the 95% interval's half-width ("-" without values; the mean alone from one value)."""
     if not values:
         return "-"
     s = summarize(values)
     return f"{s.mean:.1f}" if s.half_width is None else f"{s.mean:.1f} ± {s.half_width:.1f}"
+
+
+def _interval_cell(group: list[Run], key: str) -> str:
+    return interval_text(_values(group, key))
 
 
 def _sweep_table(rows: list[tuple[str, list[Run], float]], value_header: str) -> str:

@@ -7,8 +7,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from contrastive.report.runs import Run, _by, _values
-from contrastive.report.stats import DEFAULT_MARGINS, compare, summarize
-from contrastive.report.tables import _interval_cell, _md_table
+from contrastive.report.stats import DEFAULT_MARGINS, compare
+from contrastive.report.tables import _interval_cell, _md_table, interval_text
 
 FIGURES = [
     ("kNN", "knn_acc"),
@@ -103,9 +103,8 @@ def versus_section(
         rows.append(cells)
         both = [v for v in map(on_both_halves, a) if v is not None]
         if unnamed and both and vb:
-            summary = summarize(both)
-            after_cell = f"{summary.mean:.1f}" + (f" ± {summary.half_width:.1f}" if summary.half_width else "")
-            same_rows.append([method, _interval_cell(b, "knn_acc"), after_cell, change_outcome(both, vb, margin)])
+            same = change_outcome(both, vb, margin)
+            same_rows.append([method, _interval_cell(b, "knn_acc"), interval_text(both), same])
     header = ["method", "runs before / after"]
     for name, _ in FIGURES:
         header += [f"{name} before", f"{name} after"]
