@@ -16,7 +16,7 @@ import lightning as L
 import torch
 from lightning.fabric.plugins.io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from contrastive.errors import ConfigError, require
 
@@ -204,6 +204,37 @@ def check_run_folder(out: Path, ckpt_path: str | None, auto: bool = False) -> No
         raise ConfigError(
             f"the run folder {out} already holds {what} ({found}): {fix}"
             "start this one in a new folder (hydra.run.dir=... or output_dir=...)"
+        )
+
+
+# what a finished run's figures depend on: a run folder whose finished run had other values of these is not this run
+TRAINED_BY = ("method", "backbone", "augment", "optim", "seed", "data")
+DATA_PLACE = ("root", "num_workers", "download", "on_device")  # where the data lies and how it is read, not what
+
+
+def check_finished_settings(cfg: Any, out: Path, ckpt_path: str | None) -> None:
+    """With ``resume=auto``, a run folder whose run has finished keeps its ``metrics.json`` as this run's summary;
+    that is only right if it trained these settings. A sweep run again after its settings changed (a method retuned)
+    would otherwise keep the old figures under the new settings without a word."""
+    done, ran = out / "metrics.json", out / "config.yaml"
+    if ckpt_path is None or not done.is_file() or not ran.is_file():
+        return
+    before = OmegaConf.to_container(OmegaConf.load(ran), resolve=False)
+    now = OmegaConf.to_container(cfg, resolve=True)
+    differ = []
+    for group in TRAINED_BY:
+        old, new = before.get(group, _ABSENT), now.get(group, _ABSENT)
+        if isinstance(old, dict) and isinstance(new, dict):
+            for key in sorted(old):  # a key the run's code did not have yet kept its default then
+                if not (group == "data" and key in DATA_PLACE) and old[key] != new.get(key, _ABSENT):
+                    differ.append(f"{group}.{key} (ran {old.get(key, 'absent')}, now {new.get(key, 'absent')})")
+        elif old != new:
+            differ.append(f"{group} (ran {old}, now {new})")
+    if differ:
+        raise ConfigError(
+            f"resume=auto: the run folder {out} holds a finished run with other settings: {', '.join(differ[:4])}"
+            f"{' ...' if len(differ) > 4 else ''}; its metrics.json would be kept as this run's. Move the folder "
+            "aside to train these settings, or run with the settings it holds"
         )
 
 

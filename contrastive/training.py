@@ -33,6 +33,7 @@ from contrastive.callbacks import (
 from contrastive.checkpoints import (
     AtomicCheckpointIO,
     check_compatible,
+    check_finished_settings,
     check_run_folder,
     keep_previous_log,
     last_checkpoint,
@@ -93,6 +94,8 @@ def prepare(cfg: DictConfig, out: Path) -> Run:
     validate(cfg, world_size=world)
     ckpt_path = resume_checkpoint(cfg, out)
     check_run_folder(out, ckpt_path, auto=cfg.resume == "auto" and not cfg.ckpt_path)
+    if cfg.resume == "auto" and not cfg.ckpt_path:
+        check_finished_settings(cfg, out, ckpt_path)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if cfg.perf.threads:
         torch.set_num_threads(cfg.perf.threads)  # parallel jobs on one machine: cores / jobs each

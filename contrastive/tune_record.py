@@ -63,6 +63,9 @@ class Study:
     wall_time_s: float | None = None
     sweep_dir: str = ""
     recorded: str = ""  # the date of the recording (a recorded table)
+    # the searched keys' values before this study's first recording: the confirmation stage's baseline candidate
+    incumbent: dict[str, Any] | None = None
+    confirmation: dict[str, Any] | None = None  # what contrastive.tune_confirm decided (a recorded table)
 
     @property
     def best(self) -> Trial | None:
@@ -155,6 +158,8 @@ def read_recorded(folder: Path) -> Study:
         wall_time_s=meta.get("wall_time_s"),
         sweep_dir=meta.get("sweep_dir", ""),
         recorded=meta.get("recorded", ""),
+        incumbent=meta.get("incumbent_params"),
+        confirmation=meta.get("confirmation"),
     )
 
 
@@ -215,6 +220,7 @@ def write_table(study: Study, out: Path, today: str) -> None:
         "best_trial": best.number,
         "best_validation_knn_acc": best.value,
         "best_params": best.params,
+        "incumbent_params": study.incumbent,
         "wall_time_s": study.wall_time_s,
         "sweep_dir": study.sweep_dir,
         "recorded": today,
@@ -225,12 +231,6 @@ def write_table(study: Study, out: Path, today: str) -> None:
 def write_bundle(study: Study, bundle: Path, table: Path, today: str) -> None:
     """The best trial's settings into ``bundle`` (created if absent), its other keys and earlier header kept."""
     best = study.best
-    lines = bundle.read_text().splitlines() if bundle.is_file() else []
-    header = [line for line in lines if line.startswith("#")]
-    kept = [line for line in header if not line.startswith(TUNED) and line.strip() != "# @package _global_"]
-    body = OmegaConf.create("\n".join(line for line in lines if not line.startswith("#")) or "{}")
-    for key, value in best.params.items():
-        OmegaConf.update(body, key, value, force_add=True)
     wall = f", {study.wall_time_s / 60:.0f} min of sweeping" if study.wall_time_s else ""
     text = (
         f"{study.method}'s searched settings here are the best of the {len(study.trials)} trials of the study "
@@ -238,8 +238,20 @@ def write_bundle(study: Study, bundle: Path, table: Path, today: str) -> None:
         f"seed {study.sampler.get('seed')}{wall}): trial {best.number}, validation kNN {best.value:.2f}, "
         f"selected on the validation split only. Trial table: {table}/trials.csv. Written by `python -m "
         f"contrastive.tune_record {study.sweep_dir}` on {today}"
-        + ("; the lines below this block were written by hand." if kept else ".")
     )
+    write_settings(bundle, best.params, text)
+
+
+def write_settings(bundle: Path, params: dict[str, Any], text: str) -> None:
+    """``params`` into ``bundle`` (created if absent) under a ``# [tuned]`` header saying ``text``; the bundle's other
+    keys and hand-written header lines are kept, an earlier ``# [tuned]`` block replaced."""
+    lines = bundle.read_text().splitlines() if bundle.is_file() else []
+    header = [line for line in lines if line.startswith("#")]
+    kept = [line for line in header if not line.startswith(TUNED) and line.strip() != "# @package _global_"]
+    body = OmegaConf.create("\n".join(line for line in lines if not line.startswith("#")) or "{}")
+    for key, value in params.items():
+        OmegaConf.update(body, key, value, force_add=True)
+    text += "; the lines below this block were written by hand." if kept else "."
     # paths and commands stay whole on one line, so the header can be searched for them
     lines = textwrap.wrap(text, 120 - len(TUNED), break_long_words=False, break_on_hyphens=False)
     tuned = [TUNED + line for line in lines]
@@ -257,6 +269,31 @@ def default_bundle(study: Study) -> Path:
     return Path(contrastive.conf.__file__).parent / "experiment" / study.base / f"{study.method}.yaml"
 
 
+def composed_params(experiment: str, method: str, keys: list[str], extra: list[str] = ()) -> dict[str, Any]:
+    """The values ``keys`` take in ``experiment=<experiment> +tune=<method>`` as the config files stand now."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    from contrastive.config import register_configs
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_module("contrastive.conf", version_base="1.3"):
+        cfg = compose("config", overrides=[f"experiment={experiment}", f"+tune={method}", *extra])
+    return {key: OmegaConf.to_container(OmegaConf.create({"v": OmegaConf.select(cfg, key)}))["v"] for key in keys}
+
+
+def incumbent_params(study: Study, table: Path) -> dict[str, Any]:
+    """The searched keys' values before the study was first recorded: kept from an earlier recording of the same
+    study in ``table``, else read from the configs as they stand (the bundle not yet rewritten)."""
+    earlier = Path(table) / "study.yaml"
+    if earlier.is_file():
+        meta = yaml.safe_load(earlier.read_text())
+        if meta.get("study") == study.name and meta.get("incumbent_params"):
+            return meta["incumbent_params"]
+    return composed_params(study.experiment, study.method, list(study.space))
+
+
 def record(sweep: Path, bundle: Path | None = None, table: Path | None = None, today: str | None = None) -> Study:
     """Check ``sweep``, write its trial table and its best settings; returns the study."""
     study = read_sweep(sweep)
@@ -264,6 +301,7 @@ def record(sweep: Path, bundle: Path | None = None, table: Path | None = None, t
     today = today or datetime.date.today().isoformat()
     table = Path(table) if table is not None else Path("results") / "tuning" / study.method
     bundle = Path(bundle) if bundle is not None else default_bundle(study)
+    study.incumbent = incumbent_params(study, table)
     write_table(study, table, today)
     write_bundle(study, bundle, table, today)
     return study

@@ -78,9 +78,52 @@ def tuning_report(folder: Path, out: Path | None = None) -> Path:
     if plot_knn_per_trial(study, out / "knn_per_trial.png"):
         caption = "Validation kNN accuracy of each trial (dots) and the best so far (line)."
         lines += [f"![{caption}](knn_per_trial.png)", "", f"*{caption}*", ""]
+    lines += confirmation_lines(study)
     path = out / "comparison.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def confirmation_lines(study: Study) -> list[str]:
+    """The confirmation stage's table (contrastive.tune_confirm), where the study has one."""
+    confirmed = study.confirmation
+    if not confirmed:
+        return []
+    seeds = confirmed["seeds"]
+    keys = list(study.space)
+    short = {f"trial{t.number}": t.value for t in study.trials}
+    params = {"incumbent": study.incumbent or {}, **{f"trial{t.number}": t.params for t in study.trials}}
+    rows = []
+    for name, got in confirmed["candidates"].items():
+        first = short.get(name)
+        cells = [
+            name,
+            "-" if first is None else f"{first:.2f}",
+            *(f"{v:.2f}" for v in got["validation_knn_acc"]),
+            f"{got['mean']:.2f}",
+            *(_cell(params.get(name, {}).get(k)) for k in keys),
+        ]
+        rows.append([f"**{c}**" for c in cells] if name == confirmed["chosen"] else cells)
+    head = ["candidate", "kNN, trial budget", *(f"kNN, seed {s}" for s in seeds), "mean", *(f"`{k}`" for k in keys)]
+    chosen = confirmed["chosen"]
+    verdict = (
+        "the incumbent (the settings before the tuning) is kept"
+        if chosen == "incumbent"
+        else f"{chosen} is confirmed and written into the benchmark's settings"
+    )
+    return [
+        "## Confirmation at the full budget",
+        "",
+        (
+            f"The best trial(s) and the incumbent (the settings before the tuning) trained again at the full budget "
+            f"({confirmed['epochs']} epochs, experiment={confirmed['experiment']}, seed "
+            f"{', '.join(map(str, seeds))}), every figure the final kNN accuracy on the **validation** split: "
+            f"{verdict}. Recorded {confirmed['recorded']}."
+        ),
+        "",
+        _md_table(head, rows),
+        "",
+    ]
 
 
 def _cell(value: object) -> str:

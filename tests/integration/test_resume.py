@@ -263,3 +263,18 @@ def test_cli_resume_continues_where_it_stopped(tmp_path):
     assert metrics["epochs"] == 2 and metrics["global_steps"] == 2 * STEPS_PER_EPOCH
     assert [r["epoch"] for r in metrics["history"]] == [0, 1]
     assert metrics["history"][0] == first["history"][0]
+
+
+def test_resume_auto_keeps_a_finished_run_only_with_its_settings(tmp_path, caplog):
+    overrides = ["method=simclr", *TINY, "trainer.max_epochs=1", "resume=auto"]
+    first = train(make_cfg(overrides, tmp_path=tmp_path))
+    with caplog.at_level(logging.INFO, logger="contrastive"):
+        again = train(make_cfg([*overrides, "data.num_workers=0"], tmp_path=tmp_path))
+    assert "had already finished" in caplog.text and again["final_loss"] == first["final_loss"]
+    # the same folder asked for other settings (a retuned temperature): refused before anything trains
+    kept = (tmp_path / "metrics.json").read_text()
+    with pytest.raises(
+        ConfigError, match=r"finished run with other settings: method\.temperature \(ran 0\.2, now 0\.3\)"
+    ):
+        train(make_cfg([*overrides, "method.temperature=0.3"], tmp_path=tmp_path))
+    assert (tmp_path / "metrics.json").read_text() == kept

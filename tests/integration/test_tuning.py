@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -83,6 +84,75 @@ def test_a_two_trial_sweep_selects_on_validation_and_records_the_best(tmp_path):
 
     assert report([str(table)]) == 0
     assert (table / "knn_per_trial.png").is_file() and "**validation**" in (table / "comparison.md").read_text()
+    # the method's defaults before the recording, kept as the confirmation stage's baseline
+    assert study["incumbent_params"]["method.temperature"] == 0.2 and study["incumbent_params"]["optim.lr"] == 0.06
+
+    # the confirmation stage: the best trial and the incumbent at the full budget, judged on validation
+    confirm = tmp_path / "confirm"
+    fast = ("trainer.max_steps=4", "trainer.enable_progress_bar=false", "eval.fewshot_seeds=1", "backbone.width=8")
+    fast += ("method.probe_size=16", "diagnostics=false", "data.batch_size=64")
+    run(
+        "contrastive.tune_confirm",
+        str(table),
+        "--bundle",
+        str(bundle),
+        "--sweep",
+        str(confirm),
+        "--seeds",
+        "0",
+        *(f"-o{o}" for o in fast),
+    )
+    best_trial = f"trial{study['best_trial']}"
+    knn = {}
+    for name in ("incumbent", best_trial):
+        metrics = json.loads((confirm / f"simclr_{name}_seed0" / "metrics.json").read_text())
+        assert metrics["eval_split"] == "validation" and metrics["split_sizes"]["test"] > 0
+        assert not any(key.startswith(("pixels_", "init_")) for key in metrics)
+        knn[name] = metrics["knn_acc"]
+        ran = yaml.safe_load((confirm / f"simclr_{name}_seed0" / "config.yaml").read_text())
+        expected = study["incumbent_params"] if name == "incumbent" else study["best_params"]
+        assert ran["method"]["temperature"] == expected["method.temperature"] and ran["tuning"] is True
+    chosen = max(knn, key=lambda name: (knn[name], name == "incumbent"))
+    with open(table / "confirmation.csv") as f:
+        rows = {row["candidate"]: row for row in csv.DictReader(f)}
+    assert set(rows) == set(knn) and {n for n, r in rows.items() if r["chosen"] == "True"} == {chosen}
+    assert float(rows[best_trial]["validation_knn_acc_seed0"]) == pytest.approx(knn[best_trial], abs=0.005)
+    chosen_params = study["incumbent_params"] if chosen == "incumbent" else study["best_params"]
+    text = bundle.read_text()
+    assert f"{table}/confirmation.csv" in text and "# Written by hand: kept." in text
+    written = yaml.safe_load(text)
+    for key, value in chosen_params.items():
+        group, name = key.split(".")
+        assert written[group][name] == value, key
+    assert yaml.safe_load((table / "study.yaml").read_text())["confirmation"]["chosen"] == chosen
+    assert report([str(table)]) == 0
+    assert "## Confirmation at the full budget" in (table / "comparison.md").read_text()
+
+
+def test_the_confirmation_keeps_the_incumbent_on_a_tie_and_needs_every_run():
+    from contrastive.tune_confirm import Candidate, winner
+    from contrastive.tune_record import TuningError
+
+    incumbent = Candidate("moco", "incumbent", {"optim.lr": 0.06}, None, {100: 45.0, 101: 47.0})
+    trial = Candidate("moco", "trial3", {"optim.lr": 0.02}, 44.0, {100: 47.0, 101: 45.0})
+    assert winner([incumbent, trial]) is incumbent
+    trial.values[101] = 45.5
+    assert winner([incumbent, trial]) is trial
+    del trial.values[101]
+    with pytest.raises(TuningError, match=r"not all finished: .*moco_trial3 has seeds \[100\]"):
+        winner([incumbent, trial])
+
+
+def test_a_confirmation_run_judged_on_test_is_refused(tmp_path):
+    from contrastive.tune_confirm import Candidate, read_runs
+    from contrastive.tune_record import TuningError
+
+    run = tmp_path / "swav_incumbent_seed100"
+    run.mkdir()
+    (run / "metrics.json").write_text(json.dumps({"eval_split": "test", "knn_acc": 50.0, "epochs": 20}))
+    (run / "config.yaml").write_text("seed: 100\noptim: {lr: 0.06}\n")
+    with pytest.raises(TuningError, match="eval_split='test'; a confirmation run is judged on validation only"):
+        read_runs([Candidate("swav", "incumbent", {"optim.lr": 0.06}, None)], tmp_path)
 
 
 def test_recording_refuses_a_trial_judged_on_test(tmp_path):
