@@ -269,7 +269,7 @@ def default_bundle(study: Study) -> Path:
     return Path(contrastive.conf.__file__).parent / "experiment" / study.base / f"{study.method}.yaml"
 
 
-def composed_params(experiment: str, method: str, keys: list[str], extra: list[str] = ()) -> dict[str, Any]:
+def composed_params(experiment: str, method: str, keys: list[str]) -> dict[str, Any]:
     """The values ``keys`` take in ``experiment=<experiment> +tune=<method>`` as the config files stand now."""
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
@@ -279,8 +279,9 @@ def composed_params(experiment: str, method: str, keys: list[str], extra: list[s
     register_configs()
     GlobalHydra.instance().clear()
     with initialize_config_module("contrastive.conf", version_base="1.3"):
-        cfg = compose("config", overrides=[f"experiment={experiment}", f"+tune={method}", *extra])
-    return {key: OmegaConf.to_container(OmegaConf.create({"v": OmegaConf.select(cfg, key)}))["v"] for key in keys}
+        cfg = compose("config", overrides=[f"experiment={experiment}", f"+tune={method}"])
+    values = {key: OmegaConf.select(cfg, key) for key in keys}
+    return {key: OmegaConf.to_container(v) if OmegaConf.is_config(v) else v for key, v in values.items()}
 
 
 def incumbent_params(study: Study, table: Path) -> dict[str, Any]:
