@@ -209,11 +209,16 @@ def test_resume_auto_on_a_finished_run_keeps_its_summary(tmp_path, finished):
     shutil.copytree(finished, copy)
     before = json.loads((copy / "metrics.json").read_text())
     config = (copy / "config.yaml").read_text()
-    summary = run(copy, "trainer.max_epochs=1", "resume=auto", "optim.lr=0.01")
+    summary = run(copy, "trainer.max_epochs=1", "resume=auto")
     text = (copy / "metrics.json").read_text()
     assert "NaN" not in text and json.loads(text) == before
-    assert (copy / "config.yaml").read_text() == config  # nothing ran with optim.lr=0.01
+    assert (copy / "config.yaml").read_text() == config
     assert summary["final_loss"] == before["final_loss"]
+    # other settings would be reported under this run's name with the old figures: refused, nothing touched
+    with pytest.raises(ConfigError, match=r"finished run with other settings: optim\.lr \(ran 0\.06, now 0\.01\)"):
+        run(copy, "trainer.max_epochs=1", "resume=auto", "optim.lr=0.01")
+    assert json.loads((copy / "metrics.json").read_text()) == before
+    assert (copy / "config.yaml").read_text() == config
 
 
 def test_json_never_holds_nan():
