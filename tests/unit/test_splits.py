@@ -104,6 +104,14 @@ def test_the_tuning_experiments_protect_the_test_split():
             cfg = make_cfg([f"experiment={experiment}", f"+tune={method}"], fast=False)
             assert cfg.tuning and cfg.method.name == method and final_split(cfg) == "validation"
             assert cfg.data.test_fraction > 0  # the test split exists, and is set aside
+    for experiment in ("confirm_cifar10_cpu", "confirm_digits"):  # the confirmation stage's runs, the same
+        cfg = make_cfg([f"experiment={experiment}", "method=swav"], fast=False)
+        assert cfg.tuning and final_split(cfg) == "validation" and cfg.data.test_fraction > 0
+    confirm = make_cfg(["experiment=confirm_cifar10_cpu", "method=moco"], fast=False)
+    compared = make_cfg(["experiment=compare_cifar10_cpu", "method=moco"], fast=False)
+    # the full budget and the benchmark's settings: only the evaluation's split and extras differ
+    assert confirm.trainer.max_epochs == compared.trainer.max_epochs and confirm.method == compared.method
+    assert confirm.data == compared.data and confirm.optim == compared.optim
     cpu = make_cfg(["experiment=tune_cifar10_cpu", "+tune=moco"], fast=False)
     assert cpu.method.symmetric  # a trial starts from the benchmark's settings for the method
     compare = make_cfg(["experiment=compare_cifar10_cpu"], fast=False)
