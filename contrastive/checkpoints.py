@@ -227,7 +227,7 @@ def check_finished_settings(cfg: Any, out: Path, ckpt_path: str | None) -> None:
         if isinstance(old, dict) and isinstance(new, dict):
             for key in sorted(old):  # a key the run's code did not have yet kept its default then
                 if not (group == "data" and key in DATA_PLACE) and old[key] != new.get(key, _ABSENT):
-                    differ.append(f"{group}.{key} (ran {old.get(key, 'absent')}, now {new.get(key, 'absent')})")
+                    differ.append(f"{group}.{key} (ran {old[key]}, now {new.get(key, 'absent')})")
         elif old != new:
             differ.append(f"{group} (ran {old}, now {new})")
     if differ:

@@ -93,8 +93,9 @@ def prepare(cfg: DictConfig, out: Path) -> Run:
     world = world_size(cfg.trainer)
     validate(cfg, world_size=world)
     ckpt_path = resume_checkpoint(cfg, out)
-    check_run_folder(out, ckpt_path, auto=cfg.resume == "auto" and not cfg.ckpt_path)
-    if cfg.resume == "auto" and not cfg.ckpt_path:
+    auto = cfg.resume == "auto" and not cfg.ckpt_path
+    check_run_folder(out, ckpt_path, auto=auto)
+    if auto:
         check_finished_settings(cfg, out, ckpt_path)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if cfg.perf.threads:
