@@ -729,7 +729,8 @@ def test_before_and_after_per_method(tmp_path: Path, capsys) -> None:
     assert f"p={welch.pvalue:.2g}" in rows["a"]["kNN change"] and rows["a"]["kNN change"].endswith("**lost**")
     assert rows["a"]["kNN change"].startswith(f"{sum(after_a) / 3 - 51.0:+.1f} [")
     assert "within the noise" in rows["b"]["kNN change"]
-    assert "validation+test (unnamed)" in section and "on the test split (1,000 images)" in section
+    assert "held-out (one evaluation set, recorded before the splits were named) split" in section
+    assert "on the test split (1,000 images)" in section
     assert "before: a > b; after: b > a (changed)" in section
     assert "a +8.2, b +13.2 (a under 10 points above)" in section
     # on the images the before side read (validation + test): the last epoch's validation kNN and the test kNN
@@ -745,13 +746,16 @@ def test_before_and_after_per_method(tmp_path: Path, capsys) -> None:
 
 def test_splits_line_names_each_split_with_its_runs():
     from contrastive.report.runs import Run
-    from contrastive.report.tables import splits_line
+    from contrastive.report.tables import UNNAMED_SPLIT, splits_line
 
     sizes = {"train": 80, "validation": 10, "test": 10}
     runs = [Run(f"r{i}", Path("."), {"eval_split": "test", "split_sizes": sizes}, {}) for i in range(3)]
     line = splits_line(runs)
     assert "on the **test** split (3 runs);" in line and "different splits" not in line
+    assert "per-epoch kNN and online probe on validation;" in line
     assert "Images: train 80, validation 10, test 10." in line
     mixed = splits_line([*runs, Run("old", Path("."), {}, {})])
-    assert "the **test** split (3 runs); the **validation (two splits, recorded before names)** split (1 run)" in mixed
+    assert UNNAMED_SPLIT.startswith("held-out")
+    assert f"the **test** split (3 runs); the **{UNNAMED_SPLIT}** split (1 run)" in mixed
     assert "compare their figures with care" in mixed
+    assert "online probe on the same held-out set / validation;" in mixed
