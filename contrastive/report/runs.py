@@ -61,6 +61,11 @@ def parse_overrides(items: Iterable[Any]) -> dict[str, str]:
     return out
 
 
+# Runs recorded before the splits were named held out one evaluation set, read by the per-epoch monitor too (on the
+# CIFAR-10 split: the union of today's validation and test halves).
+UNNAMED_SPLIT = "held-out (one evaluation set, recorded before the splits were named)"
+
+
 @dataclass
 class Run:
     """One run folder: its summary metrics and its Hydra overrides."""
@@ -82,6 +87,17 @@ class Run:
         if isinstance(recorded, str) and recorded.strip():
             return recorded.strip()
         return _FAMILY_BY_NEGATIVES.get(str(self.metrics.get("negatives"))) or _FAMILY_BY_METHOD.get(self.method)
+
+    @property
+    def eval_split(self) -> str:
+        """The split of the final figures (metrics.json ``eval_split``)."""
+        return str(self.metrics.get("eval_split") or UNNAMED_SPLIT)
+
+    @property
+    def monitor_split(self) -> str:
+        """The split of the per-epoch figures: validation since the splits were named, else the one held-out set."""
+        named = "validation" if self.metrics.get("eval_split") else "the same held-out set"
+        return str(self.metrics.get("monitor_split") or named)
 
     @property
     def seed(self) -> float | str | None:

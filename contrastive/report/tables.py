@@ -128,26 +128,12 @@ def budget_line(runs: list[Run]) -> str:
     return f"Budget: unequal (optimiser steps {span(steps)}, epochs {span(epochs)}): compare with care."
 
 
-# Runs recorded before the splits were named held out one evaluation set, read by the per-epoch monitor too (on the
-# CIFAR-10 split: the union of today's validation and test halves).
-UNNAMED_SPLIT = "held-out (one evaluation set, recorded before the splits were named)"
-
-
 def splits_line(runs: list[Run]) -> str:
     """Which split the figures come from (metrics.json ``eval_split`` / ``monitor_split`` / ``split_sizes``)."""
-    evals = Counter(str(run.metrics.get("eval_split") or UNNAMED_SPLIT) for run in runs)
+    evals = Counter(run.eval_split for run in runs)
     sizes = next((run.metrics["split_sizes"] for run in runs if isinstance(run.metrics.get("split_sizes"), dict)), None)
     named = "; ".join(f"the **{split}** split ({n} run{'s' if n > 1 else ''})" for split, n in evals.items())
-    # Runs from before the splits were named monitored the same held-out set they were evaluated on.
-    monitors = sorted(
-        {
-            str(
-                run.metrics.get("monitor_split")
-                or ("validation" if run.metrics.get("eval_split") else "the same held-out set")
-            )
-            for run in runs
-        }
-    )
+    monitors = sorted({run.monitor_split for run in runs})
     text = (
         f"Splits: the final figures (kNN, few-shot, linear probes, raw pixels, initialisation, stages) are on "
         f"{named}; the per-epoch kNN and online probe on {' / '.join(monitors)}; the kNN bank is the training split."

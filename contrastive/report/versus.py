@@ -8,7 +8,7 @@ from collections.abc import Mapping
 
 from contrastive.report.runs import Run, _by, _values
 from contrastive.report.stats import DEFAULT_MARGINS, compare
-from contrastive.report.tables import UNNAMED_SPLIT, _interval_cell, _md_table, interval_text
+from contrastive.report.tables import _interval_cell, _md_table, interval_text
 
 FIGURES = [
     ("kNN", "knn_acc"),
@@ -21,7 +21,7 @@ PIXELS_GAP = 10.0  # points above raw pixels a method must keep (the fair protoc
 
 def _split(runs: list[Run]) -> str:
     """The split the final figures of ``runs`` come from, with its size where recorded."""
-    names = sorted({str(run.metrics.get("eval_split") or UNNAMED_SPLIT) for run in runs})
+    names = sorted({run.eval_split for run in runs})
     sizes = next((run.metrics["split_sizes"] for run in runs if isinstance(run.metrics.get("split_sizes"), dict)), {})
     counts = {sizes.get(name) for name in names} - {None}
     images = f" ({next(iter(counts)):,} images)" if len(counts) == 1 else ""

@@ -745,8 +745,8 @@ def test_before_and_after_per_method(tmp_path: Path, capsys) -> None:
 
 
 def test_splits_line_names_each_split_with_its_runs():
-    from contrastive.report.runs import Run
-    from contrastive.report.tables import UNNAMED_SPLIT, splits_line
+    from contrastive.report.runs import UNNAMED_SPLIT, Run
+    from contrastive.report.tables import splits_line
 
     sizes = {"train": 80, "validation": 10, "test": 10}
     runs = [Run(f"r{i}", Path("."), {"eval_split": "test", "split_sizes": sizes}, {}) for i in range(3)]
